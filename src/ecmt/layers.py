@@ -1,0 +1,135 @@
+"""Spiking building blocks assembled from MT neurons and EC modules (paper Fig. 1, Alg. 1).
+
+Each block takes its spiking sites as modules from a *site factory*. Conversion passes MT
+neurons; calibration passes observers that record the activation and let it through, so the
+same structure serves both stages and, with observers, computes exactly the ANN function.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from .compensation import ExpectationCompensation, MatMulEC
+
+SiteFactory = Callable[[str], nn.Module]
+"""Makes the module placed at a spiking site, given the site's full dotted name."""
+
+
+class SpikingLinear(nn.Module):
+    """A Linear layer fed by a spiking site (Alg. 1, line 9: an MT neuron before each Linear).
+
+    Args:
+        neuron: The site module (MT neuron or calibration observer).
+        linear: The ANN's Linear layer; its weights are shared, not copied.
+    """
+
+    def __init__(self, neuron: nn.Module, linear: nn.Linear) -> None:
+        super().__init__()
+        self.neuron = neuron
+        self.linear = linear
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.neuron(x))
+
+
+class MaskedSoftmax(nn.Module):
+    """Softmax over the last dimension after adding an optional attention mask.
+
+    The mask is added inside F, to the mean of the accumulated scores, so that a large
+    negative mask never accumulates over time steps.
+    """
+
+    def forward(self, scores: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.to(scores.dtype)
+        return F.softmax(scores, dim=-1)
+
+
+class SpikingAttention(nn.Module):
+    """Multi-head self-attention in ECMT form (paper Fig. 1, Attention).
+
+    ``qkv`` (a :class:`SpikingLinear` producing ``3·heads·head_dim`` features) → optional
+    q/k norms under EC → MT neurons on q and k → MatMulEC (q·kᵀ) → EC(softmax) → MT neurons on
+    the attention map and on v → MatMulEC (attn·v) → optional EC(norm) → ``proj``.
+
+    Args:
+        qkv: Fused q, k, v projection, already in spiking form.
+        proj: Output projection in spiking form, or None for none (e.g. BERT, where the
+            projection belongs to the next module).
+        num_heads: Number of heads.
+        head_dim: Width of one head.
+        scale: Factor applied to q before the product (head_dim ** -0.5 usually).
+        make_site: Factory for the four sites, called with the suffixes
+            ``q_neuron``, ``k_neuron``, ``attn_neuron``, ``v_neuron``.
+        q_norm, k_norm, norm: Optional ANN norms (wrapped in EC here).
+    """
+
+    def __init__(
+        self,
+        qkv: nn.Module,
+        proj: Optional[nn.Module],
+        *,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        make_site: Callable[[str], nn.Module],
+        q_norm: Optional[nn.Module] = None,
+        k_norm: Optional[nn.Module] = None,
+        norm: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.qkv = qkv
+        self.q_norm = _compensated(q_norm)
+        self.k_norm = _compensated(k_norm)
+        self.q_neuron = make_site("q_neuron")
+        self.k_neuron = make_site("k_neuron")
+        self.qk = MatMulEC()
+        self.softmax = ExpectationCompensation(MaskedSoftmax())
+        self.attn_neuron = make_site("attn_neuron")
+        self.v_neuron = make_site("v_neuron")
+        self.av = MatMulEC()
+        self.norm = _compensated(norm)
+        self.proj = proj if proj is not None else nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        *,
+        rope: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        if rope is not None or is_causal:
+            raise NotImplementedError("rotary embeddings and causal attention are not supported")
+        B, N, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+        q, k, v = qkv.unbind(0)
+        q = self.q_neuron(self.q_norm(q) * self.scale)  # (B, H, N, D)
+        k = self.k_neuron(self.k_norm(k))
+        attn = self.qk(q, k.transpose(-2, -1))  # (B, H, N, N)
+        attn = self.attn_neuron(self.softmax(attn, attn_mask))
+        x = self.av(attn, self.v_neuron(v))  # (B, H, N, D)
+        x = x.transpose(1, 2).reshape(B, N, H * D)
+        return self.proj(self.norm(x))
+
+
+def _compensated(fn: Optional[nn.Module]) -> nn.Module:
+    if fn is None or isinstance(fn, nn.Identity):
+        return nn.Identity()
+    return ExpectationCompensation(fn)

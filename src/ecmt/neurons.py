@@ -1,0 +1,114 @@
+"""The Multi-Threshold (MT) neuron of ECMT (paper Sec. 4.3, Eq. 19-25)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .state import Stateful
+
+MIN_THETA = 1e-30
+"""Base thresholds at or below this disable their side of the neuron (it never fires)."""
+
+
+class MTNeuron(Stateful):
+    """Integrate-and-fire neuron with 2n thresholds and reset by subtraction.
+
+    The thresholds are ``theta_pos * 2**k`` and ``-theta_neg * 2**k`` for ``k = 0..n-1``
+    (Eq. 19). At each step the neuron integrates its input (Eq. 21), emits at most one spike on
+    the largest threshold its membrane reaches, with the half-threshold boundaries of Eq. 25,
+    and subtracts the emitted value from the membrane (Eq. 24).
+
+    The threshold is chosen in closed form rather than by 2n comparisons: with
+    ``u = |v| / theta + 1/2`` the neuron fires iff ``u >= 1``, on level ``k = floor(log2 u)``
+    clamped to ``n - 1``. Ties at an exact boundary between two levels go to the larger level on
+    both sides; the zero band is ``-theta_neg/2 <= v < theta_pos/2`` as in Eq. 25.
+
+    A side whose base threshold is 0 (or below ``MIN_THETA``) is disabled: it never fires. This
+    is what calibration gives a site whose activations never reach that sign.
+
+    Args:
+        theta_pos: Positive base threshold θ1 (>= 0).
+        theta_neg: Magnitude of the negative base threshold θ2 (>= 0).
+        levels: n, the number of thresholds on each side.
+
+    Example:
+        >>> n = MTNeuron(1.0, 0.5, levels=4)
+        >>> n(torch.tensor([0.4, 0.6, 3.1, -0.3, -100.0]))
+        tensor([ 0.0000,  1.0000,  2.0000, -0.5000, -4.0000])
+    """
+
+    _state = {"v": None}
+
+    def __init__(self, theta_pos: float, theta_neg: float, levels: int) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        theta = torch.tensor([float(theta_pos), float(theta_neg)], dtype=torch.float32)
+        if not torch.isfinite(theta).all() or (theta < 0).any():
+            raise ValueError(f"thresholds must be finite and >= 0, got {theta.tolist()}")
+        self.levels = levels
+        self.record = False  # count spikes per level (for firing rates and energy)
+        self.register_buffer("theta", theta)
+        # Spikes per (sign, level) since the counters were last cleared; sign 0 is positive.
+        self.register_buffer("spike_counts", torch.zeros(2, levels, dtype=torch.int64), persistent=False)
+        self.register_buffer("neuron_steps", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Derive the per-step constants from ``theta`` (after loading or editing it)."""
+        th = self.theta
+        inv = torch.where(th > MIN_THETA, 1.0 / th.clamp_min(MIN_THETA), torch.zeros_like(th))
+        # Signed values so that u = v * inv_signed + 1/2 works for both signs in one pass.
+        self._theta_signed = (th[0].clone(), -th[1])
+        self._inv_signed = (inv[0].clone(), -inv[1])
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
+
+    @property
+    def theta_pos(self) -> float:
+        return float(self.theta[0])
+
+    @property
+    def theta_neg(self) -> float:
+        return float(self.theta[1])
+
+    def thresholds(self) -> Tensor:
+        """The 2n thresholds λ_1..λ_2n of Eq. 19, positive side first."""
+        k = torch.exp2(torch.arange(self.levels, dtype=torch.float32, device=self.theta.device))
+        return torch.cat([self.theta[0] * k, -self.theta[1] * k])
+
+    def forward(self, x: Tensor) -> Tensor:
+        v = x.float() if self.v is None else self.v + x  # Eq. 21, v(0) = 0
+        pos = v >= 0
+        theta = torch.where(pos, *self._theta_signed)
+        u = v * torch.where(pos, *self._inv_signed) + 0.5  # >= 0 on both sides
+        level = torch.floor(torch.log2(u)).clamp_(max=self.levels - 1)  # Eq. 25 in closed form
+        fire = u >= 1.0
+        out = torch.where(fire, theta * torch.exp2(level), 0.0)  # Eq. 22-23
+        if x.dtype != torch.float32:  # subtract exactly what the next layer receives
+            out = out.to(x.dtype)
+        self.v = v - out  # Eq. 24, soft reset (v stays float32)
+        if self.record:
+            self._count(pos, level, fire)
+        return out
+
+    def _count(self, pos: Tensor, level: Tensor, fire: Tensor) -> None:
+        idx = torch.where(pos, 0, self.levels) + level.clamp(min=0).long()
+        idx = idx[fire]
+        self.spike_counts += torch.bincount(idx, minlength=2 * self.levels).view(2, self.levels)
+        self.neuron_steps += fire.numel()
+
+    def clear_counts(self) -> None:
+        """Zero the spike counters (they are not part of the time-step state)."""
+        self.spike_counts.zero_()
+        self.neuron_steps.zero_()
+
+    def extra_repr(self) -> str:
+        return f"theta_pos={self.theta_pos:.4g}, theta_neg={self.theta_neg:.4g}, levels={self.levels}"

@@ -1,0 +1,54 @@
+"""Running a converted network over time steps."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .calibration import check_finite
+from .conversion import SpikingModel
+from .errors import InvalidInputError
+
+
+@torch.no_grad()
+def simulate_steps(snn: SpikingModel, x: Any, T: int) -> Iterator[Tensor]:
+    """Yield the SNN's running estimate of the ANN output after each step t = 1..T.
+
+    The state is reset first; the analog input ``x`` is presented at every step. The t-th
+    value yielded is the mean of the network's outputs over steps 1..t (float32). Nothing per
+    step is kept, so memory does not grow with T.
+
+    Raises:
+        InvalidInputError: T < 1, or ``x`` holds NaN or Inf.
+    """
+    if not isinstance(T, int) or T < 1:
+        raise InvalidInputError(f"T must be a positive integer, got {T!r}")
+    try:
+        check_finite(x, "input")
+    except Exception as e:  # re-raised with the simulation's error type
+        raise InvalidInputError(str(e)) from None
+    snn.reset()
+    total = None
+    for t in range(1, T + 1):
+        y = snn(x).float()
+        total = y if total is None else total.add_(y)
+        yield total / t
+
+
+def simulate(snn: SpikingModel, x: Any, T: int) -> Tensor:
+    """Simulate ``snn`` on input ``x`` for ``T`` steps.
+
+    Args:
+        snn: A network from :func:`ecmt.convert`.
+        x: The input, as the ANN takes it (a tensor, or a dict of tensors for text models).
+        T: Number of time steps.
+
+    Returns:
+        Tensor ``[T, *ann_output_shape]``: ``out[t-1]`` is the mean SNN output over steps 1..t.
+
+    Example:
+        >>> out = ecmt.simulate(snn, images, T=16)   # doctest: +SKIP
+        >>> out[-1].argmax(-1)                        # doctest: +SKIP
+    """
+    return torch.stack(list(simulate_steps(snn, x, T)))

@@ -1,0 +1,74 @@
+"""Base thresholds per spiking site: the result of calibration, the input of conversion."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional, Union
+
+from .errors import ThresholdError
+
+Override = Union[float, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Thresholds(Mapping[str, tuple[float, float]]):
+    """Base thresholds ``(θ1, θ2)`` per site name; θ2 is the magnitude of the negative one.
+
+    A site is named by the dotted path of its neuron in the converted network, e.g.
+    ``blocks.0.attn.qkv.neuron`` (input of a Linear) or ``blocks.0.attn.attn_neuron`` (the
+    softmax output). A value of 0 disables that side of the neuron.
+
+    Attributes:
+        sites: The thresholds.
+        percentile: The percentile p they were calibrated at, if any.
+    """
+
+    sites: Mapping[str, tuple[float, float]]
+    percentile: Optional[float] = None
+    meta: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, pair in self.sites.items():
+            if len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair):
+                raise ThresholdError(f"site {name}: thresholds must be two finite numbers >= 0, got {pair}")
+        object.__setattr__(self, "sites", {k: (float(a), float(b)) for k, (a, b) in self.sites.items()})
+
+    def __getitem__(self, name: str) -> tuple[float, float]:
+        return self.sites[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def with_overrides(self, overrides: Mapping[str, Override]) -> "Thresholds":
+        """Apply per-site overrides.
+
+        Args:
+            overrides: Keys are site names or ``fnmatch`` patterns (``"*.attn_neuron"``);
+                later keys win. A float sets both base thresholds, a pair sets ``(θ1, θ2)``.
+
+        Raises:
+            ThresholdError: A pattern matches no site.
+        """
+        sites = dict(self.sites)
+        for pattern, value in overrides.items():
+            names = [n for n in sites if fnmatch.fnmatchcase(n, pattern)]
+            if not names:
+                raise ThresholdError(f"override {pattern!r} matches no site")
+            pair = (float(value), float(value)) if isinstance(value, (int, float)) else tuple(value)
+            for n in names:
+                sites[n] = pair
+        return Thresholds(sites, self.percentile, dict(self.meta))
+
+    def to_json(self) -> str:
+        return json.dumps({"percentile": self.percentile, "meta": dict(self.meta),
+                           "sites": {k: list(v) for k, v in self.sites.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Thresholds":
+        d = json.loads(text)
+        return cls({k: tuple(v) for k, v in d["sites"].items()}, d.get("percentile"), d.get("meta", {}))
