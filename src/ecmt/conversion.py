@@ -38,6 +38,7 @@ def build_spiking(model: nn.Module, make_site: SiteFactory) -> nn.Module:
 
 
 def _convert(m: nn.Module, path: str, make_site: SiteFactory, bad: list[tuple[str, str]]) -> nn.Module:
+    """Convert ``m`` (at dotted ``path``); append ``(path, what is wrong)`` to ``bad``."""
     def site(suffix: str) -> nn.Module:
         return make_site(f"{path}.{suffix}" if path else suffix)
 
@@ -45,7 +46,7 @@ def _convert(m: nn.Module, path: str, make_site: SiteFactory, bad: list[tuple[st
         try:
             return rebuild(m, site, lambda child, name: _convert(child, f"{path}.{name}", make_site, bad))
         except ConversionError as e:
-            bad.append((path or "<root>", f"{type(m).__name__}: {e}"))
+            bad.append((path or "<root>", f"{type(m).__name__} ({e})"))
             return m
     if isinstance(m, nn.Linear):
         return SpikingLinear(site("neuron"), m)
@@ -56,7 +57,7 @@ def _convert(m: nn.Module, path: str, make_site: SiteFactory, bad: list[tuple[st
     if registry.is_container(m):
         reason = registry.container_check(m)
         if reason is not None:
-            bad.append((path or "<root>", f"{type(m).__name__}: {reason}"))
+            bad.append((path or "<root>", f"{type(m).__name__} ({reason})"))
     else:
         bad.append((path or "<root>", type(m).__name__))
     for name, child in list(m.named_children()):
@@ -70,8 +71,8 @@ def _describe(bad: list[tuple[str, str]], model_name: str) -> str:
     by_kind: dict[str, list[str]] = defaultdict(list)
     for path, kind in bad:
         by_kind[kind].append(path)
-    parts = [f"{kind} x{len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
-             for kind, paths in by_kind.items()]
+    parts = [f"{kind}{f' x{len(paths)}' if len(paths) > 1 else ''} at {', '.join(paths[:3])}"
+             f"{', ...' if len(paths) > 3 else ''}" for kind, paths in by_kind.items()]
     return f"cannot convert {model_name}: unsupported modules: " + "; ".join(parts)
 
 
