@@ -1,0 +1,92 @@
+"""Parallel parameter normalization for MT neurons (paper Sec. 4.3.3, Eq. 26-29).
+
+The fused simulation lets an MT neuron send the value ``λ_p`` of its spike to the next Linear.
+On neuromorphic hardware neurons exchange binary spikes instead: each connection is split into
+2n parallel channels, one per threshold, and the threshold values are folded into 2n copies of
+the weights (Eq. 27). The neuron itself then works in units of its base threshold, with
+thresholds ``1·2^k`` and ``−η·2^k`` (Eq. 29).
+
+:func:`export_linear` produces that form for one layer; :func:`to_binary` rebuilds a whole SNN
+on it, which shows (and the tests check) that binary spikes and the weight copies alone
+reproduce the fused simulation.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .conversion import SpikingModel
+from .layers import SpikingLinear
+from .neurons import MTNeuron
+
+
+@dataclass(frozen=True)
+class NormalizedLinear:
+    """One Linear in parallel-normalized form.
+
+    Attributes:
+        weights: ``[2n, out, in]``; channel p holds ``W·λ_p/λ_1`` (Eq. 27), positive
+            thresholds first, where λ_p are the presynaptic neuron's thresholds (Eq. 19).
+        bias: The Linear's bias, unchanged.
+        eta: ``θ2/θ1``; the normalized neuron has base thresholds ``(1, η)`` (Eq. 29).
+        scale: ``λ_1 = θ1``. The neuron's input is divided by it and the layer's output
+            multiplied by it; on hardware both fold into the neighbouring layers' weights (the
+            ``1/λ_1^l`` of Eq. 27).
+    """
+
+    weights: Tensor
+    bias: Optional[Tensor]
+    eta: float
+    scale: float
+
+
+def export_linear(layer: SpikingLinear) -> NormalizedLinear:
+    """Eq. 27-29 for one :class:`SpikingLinear` whose site is an :class:`MTNeuron`."""
+    neuron = layer.neuron
+    theta1 = neuron.theta_pos if neuron.theta_pos > 0 else neuron.theta_neg
+    lam = neuron.thresholds().to(layer.weight)  # λ_1..λ_2n, Eq. 19
+    weights = layer.weight.detach()[None] * (lam / theta1)[:, None, None]  # Eq. 27
+    return NormalizedLinear(weights, None if layer.bias is None else layer.bias.detach(),
+                            neuron.theta_neg / theta1, theta1)
+
+
+class BinarySpikingLinear(nn.Module):
+    """A Linear driven only by binary spikes on 2n channels (Eq. 28).
+
+    The normalized MT neuron (thresholds ``(1, η)``) decides which channel fires; the layer
+    sums the weight copies of the channels that fired.
+    """
+
+    def __init__(self, layer: SpikingLinear) -> None:
+        super().__init__()
+        form = export_linear(layer)
+        self.n = layer.neuron.levels
+        self.register_buffer("weights", form.weights)
+        self.bias = form.bias
+        self.scale = form.scale
+        self.neuron = MTNeuron(1.0 if layer.neuron.theta_pos > 0 else 0.0, form.eta, self.n)  # Eq. 29
+        self.register_buffer("unit", self.neuron.thresholds())
+
+    def forward(self, x: Tensor) -> Tensor:
+        value = self.neuron(x / self.scale)  # one of {0, 2^k, −η·2^k}
+        spikes = (value[..., None] == self.unit) & (value[..., None] != 0)  # (..., in, 2n) binary
+        out = torch.einsum("...ip,poi->...o", spikes.to(self.weights.dtype), self.weights)  # Eq. 28
+        out = out * self.scale
+        return out if self.bias is None else out + self.bias
+
+
+def to_binary(snn: SpikingModel) -> SpikingModel:
+    """A copy of ``snn`` whose Linear layers receive binary spikes only (for verification).
+
+    Memory grows 2n-fold in the Linear weights, so use it on small models.
+    """
+    out = copy.deepcopy(snn)
+    for name, m in list(out.net.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, SpikingLinear) and isinstance(child.neuron, MTNeuron):
+                setattr(m, child_name, BinarySpikingLinear(child))
+    return SpikingModel(out.net, snn.levels, snn.thresholds, snn._output)
