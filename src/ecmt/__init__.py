@@ -18,6 +18,7 @@ from .neurons import MTNeuron
 from .simulation import simulate, simulate_steps
 from .state import reset_net
 from .thresholds import Thresholds
+from .tuning import tune
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,5 @@ __all__ = [
     "ActivationStats", "CalibrationError", "CheckpointError", "ConversionError", "DatasetError",
     "ExpectationCompensation", "IncompatibleFileError", "InvalidInputError", "MTNeuron", "MatMulEC",
     "SpikingModel", "ThresholdError", "Thresholds", "UnsupportedModelError", "build_spiking", "calibrate",
-    "collect_statistics", "convert", "reset_net", "simulate", "simulate_steps", "site_names",
+    "collect_statistics", "convert", "reset_net", "simulate", "simulate_steps", "site_names", "tune",
 ]
