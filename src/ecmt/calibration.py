@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .conversion import build_spiking
+from .distributed import all_reduce_sum
 from .errors import CalibrationError, ConversionError
+from .fusion import fusable
 from .state import reset_net
 from .thresholds import Override, Thresholds
 
@@ -27,8 +29,10 @@ BUCKETS = 1 << 16
 _FLIP = 0x7FFFFFFF
 
 
+@fusable
 def _bucket_of(x: Tensor) -> Tensor:
-    """Order-preserving bucket index in [0, 65536) of float32 values."""
+    """Order-preserving bucket index in [0, 65536) of float32 values (int32; one fused kernel
+    on large tensors, see :mod:`ecmt.fusion`)."""
     i = x.detach().float().contiguous().view(torch.int32)
     i = torch.where(i < 0, i ^ _FLIP, i)  # negative floats: reverse order of magnitude bits
     return (i >> 16) + (BUCKETS // 2)
@@ -49,7 +53,7 @@ class SiteObserver(nn.Module):
         self.register_buffer("counts", torch.zeros(BUCKETS, dtype=torch.int64))
 
     def forward(self, x: Tensor) -> Tensor:
-        self.counts += torch.bincount(_bucket_of(x).flatten().long(), minlength=BUCKETS)
+        self.counts += torch.bincount(_bucket_of(x, numel=x.numel()).flatten(), minlength=BUCKETS)
         return x
 
     def quantile(self, q: float) -> float:
@@ -137,6 +141,9 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
         max_batches: Stop after this many batches.
         progress: Show a progress bar.
 
+    Under ``torchrun`` each rank passes its own share of the batches; the histograms are
+    summed across ranks, so every rank gets the statistics of the whole calibration set.
+
     Raises:
         CalibrationError: No batch was given, or an input holds NaN/Inf.
     """
@@ -160,8 +167,11 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
         reset_net(net)  # a single step with fresh state: every EC computes exactly F(x)
         net(**x) if isinstance(x, Mapping) else net(x)
         seen += 1
+    seen = int(all_reduce_sum(torch.tensor([seen], device=device))[0])  # under torchrun: all ranks
     if seen == 0:
         raise CalibrationError("the calibration set is empty")
+    for obs in observers.values():
+        all_reduce_sum(obs.counts)
     return ActivationStats({name: obs.counts for name, obs in observers.items()})
 
 

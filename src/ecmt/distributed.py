@@ -1,0 +1,91 @@
+"""Multi-process evaluation with ``torch.distributed``, launched by ``torchrun``.
+
+Nothing changes for the user but the launcher: ``torchrun --nproc_per_node=N -m ecmt
+evaluate ...``. Every rank builds the same model; work is split by whole batches, so each
+image is computed in the same batch, with the same shapes, as in a single process, and the
+integer results (activation histograms, correct counts per T) are summed across ranks. The
+results are therefore identical to a one-process run, whatever the number of processes.
+
+The backend is NCCL on CUDA and gloo on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the job.
+
+    Attributes:
+        rank: Global rank (0 in a single process).
+        world_size: Number of processes.
+        device: The device this rank computes on.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the outputs and draws the progress bar."""
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """True when started by torchrun (or any launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str = "cpu") -> Context:
+    """Join the process group if launched by torchrun; a single-process context otherwise.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``; with CUDA each rank takes GPU ``LOCAL_RANK``.
+    """
+    if not launched():
+        return Context(device=torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    dev = torch.device(device)
+    if device == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    return Context(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def shard(batches: Iterable[T], ctx: Context, first_to_main: int = 0) -> Iterator[T]:
+    """This rank's batches: the first ``first_to_main`` go to rank 0, the rest round-robin.
+
+    No batch is duplicated or dropped. ``first_to_main`` keeps batches that rank 0 must see
+    itself (e.g. the ones whose operations are counted) in one place.
+    """
+    for i, batch in enumerate(batches):
+        owner = 0 if i < first_to_main else (i - first_to_main) % ctx.world_size
+        if owner == ctx.rank:
+            yield batch
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks, in place (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
