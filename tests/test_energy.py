@@ -220,3 +220,18 @@ def test_empty_measurement_is_refused():
         pass
     with pytest.raises(ValueError, match="no time step"):
         energy_ratio(counter.result())
+
+
+def test_ops_command_writes_table3_for_eva_giant(tmp_path, capsys):
+    import json
+
+    from ecmt.cli import main
+
+    path = tmp_path / "ops.json"
+    assert main(["ops", "--model", "eva_giant_patch14_336", "--json", str(path)]) == 0
+    block = json.loads(path.read_text())["blocks"]["blocks.0"]
+    assert all(isinstance(v, int) for v in block.values())
+    assert [round(v / 1e6, 2) for v in block.values()] == [
+        0.81, 3431.65, 468.76, 5.33, 468.76, 1143.88, 0.81, 4991.48, 3.55, 4991.48]
+    assert "468.76 M" in capsys.readouterr().out
+    assert main(["ops", "--model", "no_such_model"]) == 2

@@ -11,7 +11,36 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .fusion import flat, fusable
 from .state import Stateful
+
+
+@fusable
+def accumulate_mean(s: Tensor, x: Tensor, t: int) -> Tensor:
+    """``S(T) = S(T−1) + x``, in place in the float32 accumulator ``s``; returns ``S(T)/T``."""
+    s.add_(x)
+    return s / t
+
+
+@fusable
+def compensate(f_mean: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eq. 15 at step ``t >= 2``: ``(T·F(S(T)/T), T·F(S(T)/T) − prev)``, the output cast to ``dtype``."""
+    cur = f_mean * t
+    return cur, (cur - prev).to(dtype)
+
+
+@fusable
+def accumulate_pair(sa: Tensor, a: Tensor, sb: Tensor, b: Tensor) -> None:
+    """``S_A(T) = S_A(T−1) + A(T)`` and ``S_B(T) = S_B(T−1) + B(T)``, in place."""
+    sa.add_(a)
+    sb.add_(b)
+
+
+@fusable
+def rescale(product: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eq. 16 at step ``t >= 2``: ``(S_K(T)/T, S_K(T)/T − prev)``, the output cast to ``dtype``."""
+    cur = product / t
+    return cur, (cur - prev).to(dtype)
 
 
 class ExpectationCompensation(Stateful):
@@ -42,16 +71,16 @@ class ExpectationCompensation(Stateful):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         self.t += 1
-        t = self.t
-        s = x.float() if self.s is None else self.s + x  # accumulator S(T)
-        cur = self.fn(s / t, *args, **kwargs)
-        if t > 1:
-            cur = cur * t
-            out = cur - self.prev  # Eq. 15
-        else:
-            out = cur  # O(1) = F(S(1)) exactly
-        self.s, self.prev = s, cur
-        return out.to(x.dtype)
+        if self.s is None:
+            self.s = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # S(0) = 0
+        mean = accumulate_mean(*flat(self.s, x), self.t, numel=x.numel())  # S(T)/T, S(T) kept in self.s
+        f_mean = self.fn(mean.view(x.shape), *args, **kwargs)  # a new tensor: F may work in place
+        if self.t == 1:
+            self.prev = f_mean
+            return f_mean.to(x.dtype)  # O(1) = F(S(1)) exactly
+        cur, out = compensate(*flat(f_mean, self.prev), self.t, x.dtype, numel=f_mean.numel())  # Eq. 15
+        self.prev = cur.view(f_mean.shape)
+        return out.view(f_mean.shape)
 
 
 class MatMulEC(Stateful):
@@ -79,19 +108,26 @@ class MatMulEC(Stateful):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         self.t += 1
-        if self.sa is None:
-            self.sa, self.sb = a.float(), b.float()
-        else:
-            self.sa = self.sa + a
-            self.sb = self.sb + b
-        cur = torch.matmul(self.sa, self.sb)
-        if self.t > 1:
-            cur = cur / self.t
-            out = cur - self.prev  # Eq. 16
-        else:
-            out = cur
-        self.prev = cur
-        return out.to(a.dtype)
+        if self.t == 1:  # running sums owned by the module (updated in place below)
+            self.sa, self.sb = _accumulator(a), _accumulator(b)
+            self.prev = torch.matmul(self.sa, self.sb)
+            return self.prev.to(a.dtype)
+        accumulate_pair(self.sa, a, self.sb, b, numel=a.numel() + b.numel())
+        product = torch.matmul(self.sa, self.sb)
+        cur, out = rescale(*flat(product, self.prev), self.t, a.dtype, numel=product.numel())  # Eq. 16
+        self.prev = cur.view(product.shape)
+        return out.view(product.shape)
+
+
+def _accumulator(x: Tensor) -> Tensor:
+    """A float32 copy of a matmul operand, laid out so that matmul uses it without copying.
+
+    Row-major, or row-major transposed for an operand that is a transposed view (kᵀ): then
+    the batch dimensions flatten into one and the product is a single batched GEMM.
+    """
+    if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) != 1:
+        return x.mT.to(torch.float32, memory_format=torch.contiguous_format, copy=True).mT
+    return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def eq18_increment(a: Tensor, b: Tensor, sa_prev: Tensor, sb_prev: Tensor) -> Tensor:

@@ -1,13 +1,44 @@
 """The Multi-Threshold (MT) neuron of ECMT (paper Sec. 4.3, Eq. 19-25)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from .fusion import flat, fusable
 from .state import Stateful
 
 MIN_THETA = 1e-30
 """Base thresholds at or below this disable their side of the neuron (it never fires)."""
+
+_EXPONENT_BITS = 0x7F800000  # of a float32: clearing the others rounds down to a power of two
+
+
+@fusable
+def mt_step(v: Optional[Tensor], x: Tensor, theta_pos: Tensor, theta_neg: Tensor, inv_pos: Tensor,
+            inv_neg: Tensor, top: float) -> tuple[Tensor, Tensor]:
+    """One step of MT neurons as a pure function: ``(output, next membrane potential)``.
+
+    Args:
+        v: Membrane potentials after the previous step (float32), or None before the first.
+        x: Input of this step.
+        theta_pos, theta_neg: θ1 and −θ2 (0-dim tensors): the signed base thresholds.
+        inv_pos, inv_neg: 1/θ1 and −1/θ2, or 0 for a disabled side.
+        top: 2**(n−1), the largest threshold multiplier.
+
+    With ``u = |m| / θ + 1/2`` the neuron fires iff ``u >= 1``, with value ``±θ·2**k`` for
+    ``k = floor(log2 u)`` clamped to n − 1. ``2**floor(log2 u)`` is read exactly from the
+    exponent bits of u, so there is no rounding at the level boundaries other than that of u.
+    Runs as one fused kernel on large tensors (see :mod:`ecmt.fusion`).
+    """
+    m = x.float() if v is None else v + x.float()  # Eq. 21, v(0) = 0
+    pos = m >= 0
+    u = m * torch.where(pos, inv_pos, inv_neg) + 0.5  # >= 1/2 on both sides
+    p = (u.view(torch.int32) & _EXPONENT_BITS).view(torch.float32).clamp(max=top)  # Eq. 25: 2**level
+    out = torch.where(u >= 1.0, torch.where(pos, theta_pos, theta_neg) * p, 0.0)  # Eq. 22-23
+    out = out.to(x.dtype)  # subtract exactly what the next layer receives
+    return out, m - out  # Eq. 24, soft reset (v stays float32)
 
 
 class MTNeuron(Stateful):
@@ -20,8 +51,9 @@ class MTNeuron(Stateful):
 
     The threshold is chosen in closed form rather than by 2n comparisons: with
     ``u = |v| / theta + 1/2`` the neuron fires iff ``u >= 1``, on level ``k = floor(log2 u)``
-    clamped to ``n - 1``. Ties at an exact boundary between two levels go to the larger level on
-    both sides; the zero band is ``-theta_neg/2 <= v < theta_pos/2`` as in Eq. 25.
+    clamped to ``n - 1`` (see :func:`mt_step`). Ties at an exact boundary between two levels go
+    to the larger level on both sides; the zero band is ``-theta_neg/2 <= v < theta_pos/2`` as
+    in Eq. 25.
 
     A side whose base threshold is 0 (or below ``MIN_THETA``) is disabled: it never fires. This
     is what calibration gives a site whose activations never reach that sign.
@@ -61,6 +93,7 @@ class MTNeuron(Stateful):
         # Signed values so that u = v * inv_signed + 1/2 works for both signs in one pass.
         self._theta_signed = (th[0].clone(), -th[1])
         self._inv_signed = (inv[0].clone(), -inv[1])
+        self._top = float(2 ** (self.levels - 1))
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
         super()._load_from_state_dict(*args, **kwargs)
@@ -85,23 +118,23 @@ class MTNeuron(Stateful):
         return torch.cat([self.theta[0] * k, -self.theta[1] * k])
 
     def forward(self, x: Tensor) -> Tensor:
-        v = x.float() if self.v is None else self.v + x  # Eq. 21, v(0) = 0
-        pos = v >= 0
-        theta = torch.where(pos, *self._theta_signed)
-        u = v * torch.where(pos, *self._inv_signed) + 0.5  # >= 0 on both sides
-        level = torch.floor(torch.log2(u)).clamp_(max=self.levels - 1)  # Eq. 25 in closed form
-        fire = u >= 1.0
-        out = torch.where(fire, theta * torch.exp2(level), 0.0)  # Eq. 22-23
-        if x.dtype != torch.float32:  # subtract exactly what the next layer receives
-            out = out.to(x.dtype)
-        self.v = v - out  # Eq. 24, soft reset (v stays float32)
+        v, xf = flat(self.v, x)
+        out, v = mt_step(v, xf, *self._theta_signed, *self._inv_signed, self._top, numel=x.numel())
+        self.v, out = v.view(x.shape), out.view(x.shape)
         if self.record:
-            self._count(pos, level, fire)
+            self._count(out)
         return out
 
-    def _count(self, pos: Tensor, level: Tensor, fire: Tensor) -> None:
-        idx = torch.where(pos, 0, self.levels) + level.clamp(min=0).long()
-        idx = idx[fire]
+    def _count(self, out: Tensor) -> None:
+        """Add this step's spikes to the counters, reading each spike's level from its value."""
+        fire = out != 0
+        spikes = out[fire].float()
+        pos = spikes > 0
+        # A spike is exactly ±θ·2**k (in the output dtype), so k is a difference of exponents.
+        _, e = torch.frexp(spikes.abs())
+        _, e_theta = torch.frexp(self.theta.to(out.dtype).float())
+        level = (e - torch.where(pos, e_theta[0], e_theta[1])).clamp_(0, self.levels - 1)
+        idx = torch.where(pos, 0, self.levels) + level.long()
         self.spike_counts += torch.bincount(idx, minlength=2 * self.levels).view(2, self.levels)
         self.neuron_steps += fire.numel()
 

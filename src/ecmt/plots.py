@@ -1,7 +1,8 @@
-"""Figures of an energy report: energy ratio against T, energy per module, firing rates.
+"""Figures: energy ratio against T, energy per module, firing rates, accuracy against T.
 
-Every function takes the dict of :func:`ecmt.energy.energy_report` (or the same dict read
-back from JSON), writes one image and returns its path. Figures are drawn on the Agg canvas
+The energy figures take the dict of :func:`ecmt.energy.energy_report`, the accuracy figures
+an ``ecmt evaluate`` or ``ecmt sweep`` record (or the same dicts read back from JSON). Every
+function writes one image and returns its path. Figures are drawn on the Agg canvas
 directly, so importing this module never changes the global matplotlib backend.
 """
 from __future__ import annotations
@@ -80,4 +81,48 @@ def plot_firing_rates(report: Mapping[str, Any], path: PathLike) -> Path:
     ax.bar(range(len(labels)), [*levels["pos"], *levels["neg"]])
     ax.set_xticks(range(len(labels)), labels, rotation=60)
     ax.set(ylabel="spikes per neuron per step", title="firing rate per threshold")
+    return _save(fig, path)
+
+
+def plot_accuracy(result: Mapping[str, Any], path: PathLike) -> Path:
+    """SNN top-1 accuracy against T, with the ANN's accuracy as a dashed line.
+
+    Args:
+        result: An ``ecmt evaluate`` result (``snn_top1`` keyed by ``str(t)``, ``ann_top1``).
+        path: The image to write.
+
+    Example:
+        >>> plot_accuracy(json.load(open("results.json")), "accuracy.png")   # doctest: +SKIP
+    """
+    title = f"{result['model']} on {result['dataset']}" if "model" in result and "dataset" in result else "accuracy"
+    label = f"SNN, n = {result['levels']}, p = {result['percentile']}" if "levels" in result else "SNN"
+    return plot_sweep({"ann_top1": result.get("ann_top1"), "runs": [{**result, "label": label}]}, path, title=title)
+
+
+def plot_sweep(sweep: Mapping[str, Any], path: PathLike, title: str = "accuracy per threshold setting") -> Path:
+    """Accuracy against T, one line per setting (paper Fig. 5), and the ANN's accuracy.
+
+    Args:
+        sweep: ``{"ann_top1": a or None, "runs": [{"label": str, "snn_top1": {str(t): acc},
+            "levels": n, "percentile": p}]}``; runs share a colour per percentile and a line
+            style per number of levels.
+        path: The image to write.
+        title: Figure title.
+    """
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    # one colour per percentile, one line style per number of levels
+    percentiles = list(dict.fromkeys(run.get("percentile") for run in sweep["runs"]))
+    levels = list(dict.fromkeys(run.get("levels") for run in sweep["runs"]))
+    styles = ("-", "--", ":", "-.")
+    for run in sweep["runs"]:
+        ts = sorted(run["snn_top1"], key=int)
+        ax.plot([int(t) for t in ts], [100 * run["snn_top1"][t] for t in ts], marker="o", markersize=3,
+                color=f"C{percentiles.index(run.get('percentile')) % 10}",
+                linestyle=styles[levels.index(run.get("levels")) % len(styles)], label=run["label"])
+    if sweep.get("ann_top1") is not None:
+        ax.axhline(100 * sweep["ann_top1"], color="black", linestyle="--", linewidth=1, label="ANN")
+    ax.set(xlabel="time steps T", ylabel="top-1 accuracy (%)", title=title, ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, path)

@@ -2,6 +2,8 @@
 
 Families whose library is not installed are skipped.
 """
+import importlib.util
+
 from torch import nn
 
 from ..registry import register_container
@@ -10,7 +12,5 @@ register_container(nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 from . import timm_vit, timm_eva  # noqa: E402,F401
 
-try:  # optional: HuggingFace transformers
+if importlib.util.find_spec("transformers") is not None:  # optional: HuggingFace transformers
     from . import hf_bert  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    pass

