@@ -300,3 +300,14 @@ def test_tallies_add_and_survive_a_tensor_sum():
     assert Tally.from_tensor(a.to_tensor() + b.to_tensor()) == a + b
     no_ann = Tally(4, (1, 2))
     assert Tally.from_tensor(no_ann.to_tensor() * 2) == Tally(8, (2, 4)) and (no_ann + a).ann_top1 is None
+
+
+def test_tune_replaces_the_percentile_and_is_recorded(checkpoint, folder, tmp_path, capsys):
+    js = tmp_path / "tuned.json"
+    assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--json", str(js), "--energy-batches", "0")) == 0
+    r = json.loads(js.read_text())
+    tuned = r["calibration"]["tuned"]
+    assert r["percentile"] is None and tuned["tuned_T"] == 2 and tuned["simulations"] <= 20
+    assert set(tuned["percentile_by_site_type"]) >= {"blocks.*.attn.qkv.neuron", "head.neuron"}
+    assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--percentile", "99")) == 2
+    assert "--tune" in capsys.readouterr().err

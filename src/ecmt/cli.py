@@ -38,6 +38,7 @@ from .energy import energy_report, ops_report
 from .errors import ConversionError
 from .evaluation import Tally, evaluate, images_only, loader, seed_everything, subset
 from .models import ModelBundle, load_model
+from .tuning import tune
 from .results import format_table, per_step_rows, steps_within, sweep_rows, table_steps, write_csv, write_json
 from .text import TEXT_MODELS, evaluate_text, read_texts
 
@@ -121,6 +122,9 @@ def _conversion_options(p: argparse.ArgumentParser) -> None:
                    help="thresholds per side of each MT neuron, n (default: 8)")
     p.add_argument("--percentile", type=_percentile, default=None, metavar="P",
                    help="calibration percentile p in (50, 100] (default: 99)")
+    p.add_argument("--tune", type=_positive_int, default=None, metavar="T",
+                   help="search a percentile per site type for the best output at step T, on the "
+                        "calibration data only (ecmt.tune), instead of one percentile")
 
 
 def _evaluation_options(p: argparse.ArgumentParser, *, T: int, out: Optional[str], limit: Optional[int],
@@ -218,14 +222,37 @@ def _setup(args: argparse.Namespace, bundle: ModelBundle, ann: Optional[nn.Modul
     return Setup(bundle, None if ann is None else ann.to(device), data, device)
 
 
+def _calibration_images(setup: Setup, args: argparse.Namespace) -> Any:
+    return subset(setup.data.calibration, args.calib_batches * args.batch_size, args.seed)
+
+
 def _calibrate(setup: Setup, args: argparse.Namespace) -> tuple[ActivationStats, dict[str, Any]]:
     start = time.perf_counter()
-    images = subset(setup.data.calibration, args.calib_batches * args.batch_size, args.seed)
+    images = _calibration_images(setup, args)
     batches = images_only(loader(images, args.batch_size, args.workers))
     stats = collect_statistics(setup.bundle.model.to(setup.device), batches, progress=_progress())
     info = {"source": setup.data.calibration_source, "images": len(images), "batches": args.calib_batches,
             "seconds": round(time.perf_counter() - start, 1)}
     return stats, info
+
+
+def _calibrated_snn(setup: Setup, args: argparse.Namespace) -> tuple[SpikingModel, dict[str, Any]]:
+    """Thresholds at one percentile, or searched for the best output at step ``--tune``."""
+    levels = args.levels or 8
+    if not args.tune:
+        stats, info = _calibrate(setup, args)
+        return _convert(setup, stats, levels, args.percentile or 99.0), info
+    if args.percentile is not None:
+        raise UsageError("--tune chooses the percentiles itself; drop --percentile")
+    start = time.perf_counter()
+    images = _calibration_images(setup, args)
+    th = tune(setup.bundle.model.to(setup.device), images_only(loader(images, args.batch_size, args.workers)),
+              T=args.tune, levels=levels, progress=_progress())
+    snn = convert(setup.bundle.model, th, levels=levels)
+    snn.spec = setup.bundle.spec
+    info = {"source": setup.data.calibration_source, "images": len(images), "batches": args.calib_batches,
+            "seconds": round(time.perf_counter() - start, 1), "tuned": dict(th.meta)}
+    return snn, info
 
 
 def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: float) -> SpikingModel:
@@ -270,8 +297,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         bundle = load_model(args.model, args.checkpoint)
         setup = _setup(args, bundle, bundle.model)
-        stats, calibration = _calibrate(setup, args)
-        snn = _convert(setup, stats, args.levels or 8, args.percentile or 99.0)
+        snn, calibration = _calibrated_snn(setup, args)
     _log(f"ecmt: evaluating {setup.bundle.name} on {setup.data.name} "
          f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile})")
     tally, measurement = evaluate(setup.ann, snn, _batches(setup, args), args.T, device=setup.device,
@@ -366,8 +392,7 @@ def run_convert(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     bundle = load_model(args.model, args.checkpoint)
     setup = _setup(args, bundle, bundle.model)
-    stats, calibration = _calibrate(setup, args)
-    snn = _convert(setup, stats, args.levels or 8, args.percentile or 99.0)
+    snn, calibration = _calibrated_snn(setup, args)
     path = save(snn, args.output, ann=bundle.model)
     print(f"wrote {path}: {bundle.name}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
           f"p = {snn.thresholds.percentile}, calibrated on {calibration['images']} images "
