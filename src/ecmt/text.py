@@ -11,9 +11,9 @@ similarity over sentences, and the Spearman correlation between the SNN's and th
 pairwise sentence similarities (do both order the sentence pairs alike?).
 
 Example:
-    >>> result = evaluate_text("minilm", T=16)                 # doctest: +SKIP
-    >>> result["cosine"]["16"], result["rank_agreement"]["16"]  # doctest: +SKIP
-    (0.9991, 0.9987)
+    >>> result = evaluate_text("minilm", T=16, percentile=90.0)   # doctest: +SKIP
+    >>> result["cosine"]["16"], result["rank_agreement"]["16"]    # doctest: +SKIP
+    (0.998131, 0.997299)
 """
 from __future__ import annotations
 
@@ -229,8 +229,8 @@ def average_ranks(x: Tensor) -> Tensor:
     """1-based ranks of a 1-D tensor, tied values sharing their average rank.
 
     Example:
-        >>> average_ranks(torch.tensor([0.3, 0.1, 0.3, 0.2]))
-        tensor([3.5000, 1.0000, 3.5000, 2.0000])
+        >>> average_ranks(torch.tensor([0.3, 0.1, 0.3, 0.2])).tolist()
+        [3.5, 1.0, 3.5, 2.0]
     """
     _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
     last = counts.cumsum(0).to(torch.float64)
@@ -243,7 +243,7 @@ def spearman(a: Tensor, b: Tensor) -> float:
     Returns NaN when either input is constant.
 
     Example:
-        >>> spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 90.0]))
+        >>> round(spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 90.0])), 6)
         1.0
     """
     ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
@@ -284,9 +284,9 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         InvalidInputError: Fewer than 2 texts to measure on (rank agreement needs a pair).
 
     Example:
-        >>> r = evaluate_text("minilm", read_texts("sentences.txt"), T=8)   # doctest: +SKIP
-        >>> r["cosine"]["8"]                                                # doctest: +SKIP
-        0.9962
+        >>> r = evaluate_text("minilm", read_texts("sentences.txt"), T=8, percentile=90.0)  # doctest: +SKIP
+        >>> r["cosine"]["8"], r["rank_agreement"]["8"]                                     # doctest: +SKIP
+        (0.992, 0.989)
     """
     tm = load_text_model(model, device) if isinstance(model, str) else model
     # Sorted by length, batches hold little padding; the figures do not depend on the order.

@@ -89,7 +89,7 @@ def spiking_self_attention(m: nn.Module, site: Callable[[str], nn.Module],
 
 
 def check_encoder_model(m: nn.Module) -> Optional[str]:
-    """Only encoders are supported: no causal mask, no cross-attention."""
+    """Only encoders are supported; decoders (causal masks, cross-attention) are refused."""
     if m.config.is_decoder:
         return "decoder configurations (is_decoder=True) are not supported"
     return None
