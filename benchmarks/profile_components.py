@@ -5,14 +5,16 @@ the converted tree): MT neurons, EC modules (Eq. 15, including F), matrix-produc
 (Eq. 16, including the matmul of the running sums), the Linear layers inside SpikingLinear, and
 analog-input modules (patch embedding). "other" is the step time not spent in any of them
 (residual additions, reshapes of q/k/v, the attention scale, Python overhead). The same is done
-for the ANN forward (Linear, attention core, LayerNorm, GELU, patch embedding). An op-level
-torch.profiler table of the simulation is stored as well.
+for the ANN forward (Linear, attention core, LayerNorm, GELU, patch embedding). ANN forwards and
+simulations are interleaved over a few rounds; each component's median is reported. An
+op-level torch.profiler table of a short simulation is stored as well.
 
     python benchmarks/profile_components.py                    # ViT-S/16, batch 8, T=8
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import defaultdict
 
@@ -107,40 +109,40 @@ def main() -> None:
     p.add_argument("--T", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["auto", "0"])
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-op-table", action="store_true")
     p.add_argument("--name", default="profile")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, x = load_model(a.model, a.batch)
     snn = convert(model, x)
-    result = {"environment": environment(a.threads), "model": a.model, "batch": a.batch, "T": a.T}
+    result = {"environment": environment(a.threads), "model": a.model, "batch": a.batch, "T": a.T,
+              "rounds": a.rounds}
+    runs: dict[str, list[dict]] = {"ann": [], **{m: [] for m in a.modes}}
     with torch.no_grad():
         model(x)
-        timer = HookTimer(ann_components(model))
-        wall = _wall(lambda: model(x))
-        timer.remove()
-        comps = shares(timer, wall, {"attention_linear": "attention"})
-        comps["attention_core (sdpa, reshapes)"] = comps.pop("attention")
-        lin = comps.pop("attention_linear")
-        for k in ("s", "share", "calls"):
-            comps["linear"][k] += lin[k]
-        result["ann"] = {"forward_s": wall, "components": comps}
+        for mode in a.modes:  # warm-up / compilation
+            set_fusion(mode)
+            ecmt.simulate(snn, x, T=a.T)
+        for r in range(a.rounds):  # interleaved, like the step-cost benchmark
+            runs["ann"].append(_ann_run(model, x))
+            for mode in a.modes:
+                set_fusion(mode)
+                runs[mode].append(_snn_run(snn, x, a.T))
+            print(f"round {r + 1}: ANN {runs['ann'][-1]['wall']:.3f} s, "
+                  + ", ".join(f"step[{m}] {runs[m][-1]['wall']:.3f} s" for m in a.modes), flush=True)
+        ann = _median_run(runs["ann"])
+        result["ann"] = {"forward_s": ann["wall"], "components": ann["components"]}
         result["snn"] = {}
         for mode in a.modes:
-            set_fusion(mode)
-            ecmt.simulate(snn, x, T=a.T)  # warm-up / compilation
-            timer = HookTimer(snn_components(snn))
-            wall = _wall(lambda: ecmt.simulate(snn, x, T=a.T)) / a.T
-            timer.remove()
-            for k in timer.total:
-                timer.total[k] /= a.T
-                timer.calls[k] //= a.T
-            result["snn"][mode] = {"step_s": wall, "step_over_ann": wall / result["ann"]["forward_s"],
-                                   "components_per_step": shares(timer, wall)}
-            print(mode, {k: round(v["share"], 3) for k, v in result["snn"][mode]["components_per_step"].items()},
-                  f"step {wall:.3f} s", flush=True)
+            snn_run = _median_run(runs[mode])
+            result["snn"][mode] = {"step_s": snn_run["wall"], "step_over_ann": snn_run["wall"] / ann["wall"],
+                                   "components_per_step": snn_run["components"]}
+            print(mode, {k: round(v["share"], 3) for k, v in snn_run["components"].items()},
+                  f"step {snn_run['wall']:.3f} s", flush=True)
             if not a.no_op_table:
                 from torch.profiler import ProfilerActivity, profile
+                set_fusion(mode)
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     ecmt.simulate(snn, x, T=2)
                 rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:20]
@@ -150,6 +152,37 @@ def main() -> None:
     print("ANN", {k: round(v["share"], 3) for k, v in result["ann"]["components"].items()},
           f"forward {result['ann']['forward_s']:.3f} s")
     write(a.name, result)
+
+
+def _ann_run(model: nn.Module, x: torch.Tensor) -> dict:
+    timer = HookTimer(ann_components(model))
+    wall = _wall(lambda: model(x))
+    timer.remove()
+    comps = shares(timer, wall, {"attention_linear": "attention"})
+    comps["attention_core (sdpa, reshapes)"] = comps.pop("attention")
+    lin = comps.pop("attention_linear")
+    comps["linear"] = {k: comps["linear"][k] + lin[k] for k in ("s", "share", "calls")}
+    return {"wall": wall, "components": comps}
+
+
+def _snn_run(snn: ecmt.SpikingModel, x: torch.Tensor, T: int) -> dict:
+    timer = HookTimer(snn_components(snn))
+    wall = _wall(lambda: ecmt.simulate(snn, x, T=T)) / T
+    timer.remove()
+    for k in timer.total:
+        timer.total[k] /= T
+        timer.calls[k] //= T
+    return {"wall": wall, "components": shares(timer, wall)}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The per-component medians over rounds (seconds, and shares of the median wall time)."""
+    wall = statistics.median(r["wall"] for r in runs)
+    comps = {}
+    for k in runs[0]["components"]:
+        sec = statistics.median(r["components"][k]["s"] for r in runs)
+        comps[k] = {"s": sec, "share": sec / wall, "calls": runs[0]["components"][k].get("calls")}
+    return {"wall": wall, "components": comps, "walls": [r["wall"] for r in runs]}
 
 
 def _wall(fn) -> float:
