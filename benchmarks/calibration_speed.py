@@ -14,7 +14,7 @@ import statistics
 import torch
 
 import ecmt
-from common import environment, load_model, summary, timed, write
+from common import environment, load_model, reexec_with_tuned_malloc, summary, timed, write
 
 
 def main() -> None:
@@ -23,9 +23,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tuned-malloc", action="store_true", help="run with common.TUNED_MALLOC (see there)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="calibration")
     a = p.parse_args()
+    reexec_with_tuned_malloc(a.tuned_malloc)
     torch.set_num_threads(a.threads)
     model, x = load_model(a.model, a.batch)
     g = torch.Generator().manual_seed(1)

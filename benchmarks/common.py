@@ -62,8 +62,25 @@ def convert(model: nn.Module, x: torch.Tensor, levels: int = 8) -> ecmt.SpikingM
     return ecmt.convert(model, ecmt.calibrate(model, [x]), levels=levels)
 
 
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+"""glibc settings that keep freed memory in the process instead of returning it to the OS.
+
+By default glibc may unmap (or trim) the large blocks that tensors free, and the next step's
+temporaries fault their pages in again (tens of thousands of page faults per ViT-S step were
+seen). ``--tuned-malloc`` measures whether that matters; jemalloc and tcmalloc behave like
+these settings.
+"""
+
+
+def reexec_with_tuned_malloc(enabled: bool) -> None:
+    """Restart this script with :data:`TUNED_MALLOC` in the environment (glibc reads it at start)."""
+    if enabled and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
+
+
 def environment(threads: int) -> dict[str, Any]:
     return {
+        "malloc_env": {k: os.environ.get(k) for k in TUNED_MALLOC},
         "ecmt": str(Path(ecmt.__file__).parent),
         "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "torch_threads": threads, "ecmt_fusion": fusion_mode(),

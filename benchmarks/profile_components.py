@@ -24,7 +24,7 @@ from torch import nn
 import ecmt
 from ecmt import registry
 from ecmt.layers import SpikingLinear
-from common import convert, environment, load_model, set_fusion, write
+from common import convert, environment, load_model, reexec_with_tuned_malloc, set_fusion, write
 
 
 def snn_components(snn: ecmt.SpikingModel) -> dict[str, list[nn.Module]]:
@@ -107,12 +107,14 @@ def main() -> None:
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--T", type=int, default=8)
+    p.add_argument("--tuned-malloc", action="store_true", help="run with common.TUNED_MALLOC (see there)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=["auto", "0"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-op-table", action="store_true")
     p.add_argument("--name", default="profile")
     a = p.parse_args()
+    reexec_with_tuned_malloc(a.tuned_malloc)
     torch.set_num_threads(a.threads)
     model, x = load_model(a.model, a.batch)
     snn = convert(model, x)

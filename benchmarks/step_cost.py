@@ -18,7 +18,8 @@ import time
 import torch
 
 import ecmt
-from common import MODELS, convert, environment, fusion_mode, load_model, set_fusion, summary, timed, write
+from common import (MODELS, convert, environment, fusion_mode, load_model, reexec_with_tuned_malloc, set_fusion,
+                    summary, timed, write)
 
 
 def bench(model_name: str, batch: int, T: int, rounds: int, modes: list[str], device: str) -> dict:
@@ -59,10 +60,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--modes", nargs="+", default=["auto", "0"],
                    help="fusion modes to time: auto (fused on large tensors), 1 (always), 0 (eager)")
+    p.add_argument("--tuned-malloc", action="store_true", help="run with common.TUNED_MALLOC (see there)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--name", default="step_cost", help="results/<name>.json")
     a = p.parse_args()
+    reexec_with_tuned_malloc(a.tuned_malloc)
     torch.set_num_threads(a.threads)
     if fusion_mode() == "n/a":  # a version of ecmt without fusion (a baseline)
         a.modes = ["n/a"]

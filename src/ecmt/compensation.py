@@ -2,7 +2,8 @@
 
 Both keep the running sums of their inputs so that, after any number of steps T, the sum of
 their outputs equals T times the ANN function of the mean input. Accumulators are float32
-whatever the model's dtype, because Eq. 15 subtracts two quantities that grow with T.
+whatever the model's dtype, because Eq. 15 subtracts two quantities that grow with T. The state
+is allocated at the first step and updated in place, so memory does not grow with T.
 """
 from __future__ import annotations
 
@@ -23,10 +24,15 @@ def accumulate_mean(s: Tensor, x: Tensor, t: int) -> Tensor:
 
 
 @fusable
-def compensate(f_mean: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Eq. 15 at step ``t >= 2``: ``(T·F(S(T)/T), T·F(S(T)/T) − prev)``, the output cast to ``dtype``."""
+def compensate(f_mean: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> Tensor:
+    """Eq. 15 at step ``t >= 2``: returns ``T·F(S(T)/T) − prev`` cast to ``dtype``.
+
+    ``prev`` holds (T−1)·F(S(T−1)/(T−1)) and is overwritten with T·F(S(T)/T).
+    """
     cur = f_mean * t
-    return cur, (cur - prev).to(dtype)
+    out = (cur - prev).to(dtype)
+    prev.copy_(cur)
+    return out
 
 
 @fusable
@@ -37,10 +43,15 @@ def accumulate_pair(sa: Tensor, a: Tensor, sb: Tensor, b: Tensor) -> None:
 
 
 @fusable
-def rescale(product: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Eq. 16 at step ``t >= 2``: ``(S_K(T)/T, S_K(T)/T − prev)``, the output cast to ``dtype``."""
+def rescale(product: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> Tensor:
+    """Eq. 16 at step ``t >= 2``: returns ``S_K(T)/T − prev`` cast to ``dtype``.
+
+    ``prev`` holds S_K(T−1)/(T−1) and is overwritten with S_K(T)/T.
+    """
     cur = product / t
-    return cur, (cur - prev).to(dtype)
+    out = (cur - prev).to(dtype)
+    prev.copy_(cur)
+    return out
 
 
 class ExpectationCompensation(Stateful):
@@ -76,11 +87,9 @@ class ExpectationCompensation(Stateful):
         mean = accumulate_mean(*flat(self.s, x), self.t, numel=x.numel())  # S(T)/T, S(T) kept in self.s
         f_mean = self.fn(mean.view(x.shape), *args, **kwargs)  # a new tensor: F may work in place
         if self.t == 1:
-            self.prev = f_mean
-            return f_mean.to(x.dtype)  # O(1) = F(S(1)) exactly
-        cur, out = compensate(*flat(f_mean, self.prev), self.t, x.dtype, numel=f_mean.numel())  # Eq. 15
-        self.prev = cur.view(f_mean.shape)
-        return out.view(f_mean.shape)
+            self.prev = f_mean.contiguous()  # updated in place from now on: the output is a copy
+            return f_mean.to(x.dtype, copy=True)  # O(1) = F(S(1)) exactly
+        return compensate(*flat(f_mean, self.prev), self.t, x.dtype, numel=f_mean.numel()).view(f_mean.shape)
 
 
 class MatMulEC(Stateful):
@@ -108,15 +117,13 @@ class MatMulEC(Stateful):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         self.t += 1
-        if self.t == 1:  # running sums owned by the module (updated in place below)
+        if self.t == 1:  # the state is owned by the module and updated in place from now on
             self.sa, self.sb = _accumulator(a), _accumulator(b)
             self.prev = torch.matmul(self.sa, self.sb)
-            return self.prev.to(a.dtype)
+            return self.prev.to(a.dtype, copy=True)
         accumulate_pair(self.sa, a, self.sb, b, numel=a.numel() + b.numel())
         product = torch.matmul(self.sa, self.sb)
-        cur, out = rescale(*flat(product, self.prev), self.t, a.dtype, numel=product.numel())  # Eq. 16
-        self.prev = cur.view(product.shape)
-        return out.view(product.shape)
+        return rescale(*flat(product, self.prev), self.t, a.dtype, numel=product.numel()).view(product.shape)
 
 
 def _accumulator(x: Tensor) -> Tensor:

@@ -81,7 +81,9 @@ class Fusable:
         if not self.use_fused(numel):
             return self.eager(*args, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(self.eager, dynamic=True)
+            # dynamic_threads: parallelise every kernel whatever the sizes seen when it was compiled
+            # (else a kernel first compiled for a small tensor runs on one thread, from the disk cache too)
+            self._compiled = torch.compile(self.eager, dynamic=True, options={"cpp.dynamic_threads": True})
         try:
             with _dynamo_config().patch(recompile_limit=RECOMPILE_LIMIT):
                 return self._compiled(*args, **kwargs)

@@ -1,8 +1,6 @@
 """The Multi-Threshold (MT) neuron of ECMT (paper Sec. 4.3, Eq. 19-25)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -16,12 +14,13 @@ _EXPONENT_BITS = 0x7F800000  # of a float32: clearing the others rounds down to 
 
 
 @fusable
-def mt_step(v: Optional[Tensor], x: Tensor, theta_pos: Tensor, theta_neg: Tensor, inv_pos: Tensor,
-            inv_neg: Tensor, top: float) -> tuple[Tensor, Tensor]:
-    """One step of MT neurons as a pure function: ``(output, next membrane potential)``.
+def mt_step(v: Tensor, x: Tensor, theta_pos: Tensor, theta_neg: Tensor, inv_pos: Tensor, inv_neg: Tensor,
+            top: float) -> Tensor:
+    """One step of MT neurons: returns their output and updates ``v`` in place.
 
     Args:
-        v: Membrane potentials after the previous step (float32), or None before the first.
+        v: Membrane potentials after the previous step (float32, zeros before the first);
+            overwritten with those after this step.
         x: Input of this step.
         theta_pos, theta_neg: θ1 and −θ2 (0-dim tensors): the signed base thresholds.
         inv_pos, inv_neg: 1/θ1 and −1/θ2, or 0 for a disabled side.
@@ -32,13 +31,14 @@ def mt_step(v: Optional[Tensor], x: Tensor, theta_pos: Tensor, theta_neg: Tensor
     exponent bits of u, so there is no rounding at the level boundaries other than that of u.
     Runs as one fused kernel on large tensors (see :mod:`ecmt.fusion`).
     """
-    m = x.float() if v is None else v + x.float()  # Eq. 21, v(0) = 0
-    pos = m >= 0
-    u = m * torch.where(pos, inv_pos, inv_neg) + 0.5  # >= 1/2 on both sides
+    v.add_(x)  # Eq. 21: m = v + I
+    pos = v >= 0
+    u = v * torch.where(pos, inv_pos, inv_neg) + 0.5  # >= 1/2 on both sides
     p = (u.view(torch.int32) & _EXPONENT_BITS).view(torch.float32).clamp(max=top)  # Eq. 25: 2**level
     out = torch.where(u >= 1.0, torch.where(pos, theta_pos, theta_neg) * p, 0.0)  # Eq. 22-23
     out = out.to(x.dtype)  # subtract exactly what the next layer receives
-    return out, m - out  # Eq. 24, soft reset (v stays float32)
+    v.sub_(out)  # Eq. 24, soft reset (v stays float32)
+    return out
 
 
 class MTNeuron(Stateful):
@@ -118,9 +118,10 @@ class MTNeuron(Stateful):
         return torch.cat([self.theta[0] * k, -self.theta[1] * k])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.v is None:
+            self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
         v, xf = flat(self.v, x)
-        out, v = mt_step(v, xf, *self._theta_signed, *self._inv_signed, self._top, numel=x.numel())
-        self.v, out = v.view(x.shape), out.view(x.shape)
+        out = mt_step(v, xf, *self._theta_signed, *self._inv_signed, self._top, numel=x.numel()).view(x.shape)
         if self.record:
             self._count(out)
         return out
