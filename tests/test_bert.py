@@ -9,7 +9,11 @@ from torch import nn
 
 import ecmt
 from ecmt.adapters.hf_bert import PooledOutput
-from ecmt.text import TextModel, average_ranks, load_text_model, mean_pool, packaged_texts, spearman
+from ecmt.energy import energy_ratio, firing_rates, theoretical_ops
+from ecmt.serialization import read, save
+from ecmt.text import (TextModel, average_ranks, encoder_spec, load_text_model, mean_pool, measure_text,
+                       packaged_texts, spearman, text_ops_report, unpadded)
+from ecmt.tuning import output_error
 
 transformers = pytest.importorskip("transformers")
 from transformers import (BertConfig, BertModel, CamembertConfig, CamembertModel, RobertaConfig,  # noqa: E402
@@ -110,6 +114,75 @@ def test_padding_does_not_leak(converted):
     torch.testing.assert_close(batched, solo, rtol=1e-5, atol=1e-5)
 
 
+def test_text_energy_counts_the_real_tokens_only(converted):
+    """Each sentence is counted alone: a padded batch counts exactly what its sentences count
+    without padding, and the ANN's MACs are the Table 3 counts of the unpadded sentences."""
+    snn, x, _ = converted
+    model = tiny_bert()
+    m = measure_text(snn, [x], T=4)
+    alone = measure_text(snn, unpadded(x), T=4)
+    assert m.samples == alone.samples == (3, 3, 3, 3) and m.terms == alone.terms and m.spikes == alone.spikes
+    lengths = x["attention_mask"].sum(1).tolist()  # 9, 6 and 3 tokens
+    tables = [theoretical_ops(model, {"input_ids": x["input_ids"][i:i + 1, :n]}) for i, n in enumerate(lengths)]
+    assert sum(m.ann_macs.values()) == sum(t.total for t in tables) < 3 * tables[0].total  # not 3 x 9 tokens
+    for name, kind in m.kinds.items():
+        assert m.ann_macs[name] > 0
+        if kind == "linear":  # one weight column per spike, at most one spike per input per step
+            assert all(0 < c <= m.ann_macs[name] for c in m.terms[name]["ac_fanout"])
+    ratio = energy_ratio(m)
+    assert 0 < ratio[1] < ratio[2] < ratio[3] < ratio[4]
+    rates = firing_rates(m)
+    assert 0 < rates["mean"] <= 1 and len(rates["levels"]["pos"]) == 8
+    assert set(rates["layers"]) >= {"encoder.layer.0", "encoder.layer.1"}
+
+
+def test_text_ops_report_and_cli(tmp_path, capsys):
+    """``ecmt ops`` on a model folder: Table 3 from the config alone, per sentence of N tokens."""
+    import json
+
+    from ecmt.cli import main
+
+    model = tiny_bert()
+    model.config.save_pretrained(tmp_path / "model")
+    report = text_ops_report(str(tmp_path / "model"), tokens=9)
+    model.pooler = None  # sentence encoders are used without their pooler
+    expected = theoretical_ops(model, {"input_ids": torch.zeros(1, 9, dtype=torch.long)})
+    assert report["total_macs"] == expected.total
+    assert report["dims"] == {"tokens": 9, "channels": 32, "heads": 4, "head_dim": 8, "hidden": 64, "blocks": 2}
+    block = report["blocks"]["encoder.layer.0"]
+    assert block["attention.self.qkv"] == 9 * 32 * 96 and block["intermediate.dense"] == 9 * 32 * 64
+    assert block["attention.self.qk"] == block["attention.self.av"] == 9 * 9 * 32
+    assert main(["ops", "--model", str(tmp_path / "model"), "--tokens", "9", "--json", str(tmp_path / "ops.json")]) == 0
+    assert json.loads((tmp_path / "ops.json").read_text())["total_macs"] == expected.total
+    assert main(["ops", "--model", str(tmp_path / "model"), "--tokens", "41"]) == 2  # over the 40 positions
+    assert "tokens must be in 1..40" in capsys.readouterr().err
+
+
+def test_saved_bert_snn_reloads_bit_identical(tmp_path):
+    model, x = tiny_bert(), padded_batch()
+    snn = ecmt.convert(model, ecmt.calibrate(model, [x]), levels=6)
+    snn.spec = encoder_spec(model, "tiny-bert")
+    saved = read(save(snn, tmp_path / "bert.safetensors", ann=model))
+    assert saved.snn.levels == 6 and saved.snn.thresholds.sites == snn.thresholds.sites
+    assert torch.equal(ecmt.simulate(saved.snn, x, T=5), ecmt.simulate(snn, x, T=5))
+    with torch.no_grad():
+        assert torch.equal(saved.ann(**x).last_hidden_state, model(**x).last_hidden_state)
+
+
+def test_tuning_on_text_batches_ignores_padding():
+    model = tiny_bert()
+    calib = [padded_batch(s) for s in (1, 2)]
+    th = ecmt.tune(model, calib, T=4, levels=8, budget=5)
+    assert set(th) == set(ecmt.site_names(model)) and th.meta["simulations"] <= 5
+    x = padded_batch(4)
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    garbage = torch.where(x["attention_mask"].bool()[..., None], ref, 1e3)  # padded positions: anything
+    assert output_error(model, th, [x], [garbage], T=4, levels=8) == output_error(model, th, [x], [ref], T=4, levels=8)
+    default = ecmt.calibrate(model, calib, percentile=99.0)
+    assert output_error(model, th, [x], [ref], T=4, levels=8) < output_error(model, default, [x], [ref], T=4, levels=8)
+
+
 def test_pooled_output():
     model, x = tiny_bert(), padded_batch()
     pooled = PooledOutput(model)
@@ -182,9 +255,24 @@ def test_cli_evaluates_a_sentence_encoder_folder(tmp_path):
     (tmp_path / "calib.txt").write_text("\n".join(packaged_texts("calibration")[:8]) + "\n")
     rc = main(["evaluate", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "texts.txt"),
                "--calib-texts", str(tmp_path / "calib.txt"), "--T", "4", "--percentile", "90",
-               "--json", str(tmp_path / "out.json")])
+               "--json", str(tmp_path / "out.json"), "--out", str(tmp_path / "out"), "--energy-texts", "3"])
     assert rc == 0
     record = json.loads((tmp_path / "out.json").read_text())
     assert (record["n_texts"], record["T"], record["levels"], record["percentile"]) == (5, 4, 8, 90.0)
     assert list(record["cosine"]) == ["1", "2", "3", "4"] and record["cosine"]["4"] > 0.9
     assert set(record["rank_agreement"]) == set(record["cosine_min"]) == set(record["cosine"])
+    assert record["energy_texts"] == 3 and set(record["energy_ratio"]) == set(record["cosine"])
+    assert 0 < record["energy_ratio"]["1"] < record["energy_ratio"]["4"]
+    assert len(record["firing_rates"]["levels"]["pos"]) == 8 and "energy" not in record
+    for name in ("results.json", "energy.json", "fidelity.png", "energy_ratio.png", "firing_rates.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert (tmp_path / "out" / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # convert and save, then evaluate the file: the same figures, with no calibration
+    snn_file = str(tmp_path / "tiny.snn.safetensors")
+    assert main(["convert", "--model", str(tmp_path / "model"), "--calib-texts", str(tmp_path / "calib.txt"),
+                 "--percentile", "90", "-o", snn_file]) == 0
+    assert main(["evaluate", "--snn", snn_file, "--texts", str(tmp_path / "texts.txt"), "--T", "4",
+                 "--energy-texts", "3", "--json", str(tmp_path / "saved.json")]) == 0
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    assert (saved["cosine"], saved["energy_ratio"]) == (record["cosine"], record["energy_ratio"])

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import ecmt
-from ecmt.calibration import BUCKETS, SiteObserver, histogram_quantile
+from ecmt.calibration import BUCKETS, SiteObserver, base_thresholds, histogram_quantile
 
 from tiny_models import make
 
@@ -58,17 +58,33 @@ def test_percentile_controls_thresholds():
     assert hi["blocks.0.attn.attn_neuron"][1] == 0.0
 
 
-def test_degenerate_sites_never_fire_and_never_nan():
-    counts = torch.zeros(BUCKETS, dtype=torch.int64)
+DEGENERATE = {
+    "all zero": torch.zeros(400),
+    "all positive": torch.rand(400) + 0.5,
+    "all negative": -(torch.rand(400) + 0.5),
+    "one positive value": torch.full((400,), 2.0),
+    "tiny negatives": torch.full((400,), -1e-30),
+}
+
+
+@pytest.mark.parametrize("values", DEGENERATE.values(), ids=DEGENERATE.keys())
+def test_degenerate_sites_get_finite_thresholds_and_never_fire_on_a_dead_side(values):
+    """A side with no activations of its sign gets θ = 0 and never fires, even when driven."""
     obs = SiteObserver()
-    obs(torch.zeros(100))
-    th_pos, th_neg = max(obs.quantile(0.99), 0.0), max(-obs.quantile(0.01), 0.0)
-    neuron = ecmt.MTNeuron(th_pos, th_neg, 8)
-    for _ in range(5):
-        out = neuron(torch.zeros(10))
-        assert torch.isfinite(out).all() and not out.any()
-    with pytest.raises(ecmt.CalibrationError):
-        histogram_quantile(counts, 0.5)
+    obs(values)
+    stats = ecmt.ActivationStats({"site": obs.counts})
+    drive = torch.cat([values, -values, torch.linspace(-5, 5, 41)])  # both signs, also the dead one
+    for p in (50.5, 99.0, 100.0):
+        th1, th2 = stats.thresholds(p)["site"]
+        assert 0 <= th1 < float("inf") and 0 <= th2 < float("inf")
+        assert (th1 > 0) == bool((values > 0).any()) and (th2 > 0) == bool((values < 0).any())
+        neuron = ecmt.MTNeuron(th1, th2, 8)
+        for _ in range(10):
+            out = neuron(drive)
+            assert torch.isfinite(out).all() and torch.isfinite(neuron.v).all()
+            assert (th1 > 0 or not (out > 0).any()) and (th2 > 0 or not (out < 0).any())
+    with pytest.raises(ecmt.CalibrationError, match="no activations"):
+        histogram_quantile(torch.zeros(BUCKETS, dtype=torch.int64), 0.5)
 
 
 def test_empty_or_non_finite_calibration_data_is_refused():
@@ -81,3 +97,39 @@ def test_empty_or_non_finite_calibration_data_is_refused():
         ecmt.calibrate(model, [bad])
     with pytest.raises(ecmt.CalibrationError, match="percentile"):
         ecmt.calibrate(model, [torch.randn(2, *shape)], percentile=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 1000), n_pos=st.integers(0, 400), n_neg=st.integers(0, 4000), n_zero=st.integers(0, 400),
+       scale=st.floats(1e-3, 1e3), p=st.floats(50.5, 100.0))
+def test_a_side_is_disabled_only_when_it_has_no_values(seed, n_pos, n_neg, n_zero, scale, p):
+    """θ1 > 0 iff positive values exist, θ2 > 0 iff negative ones do, at any percentile; where
+    the plain percentile has the right sign it is used unchanged (Algorithm 1, step 1)."""
+    g = torch.Generator().manual_seed(seed)
+    pos = (torch.rand(n_pos, generator=g) + 0.01) * scale
+    neg = -(torch.rand(n_neg, generator=g) + 0.01) * scale / 10  # mostly small negatives, as after a GELU
+    x = torch.cat([pos, neg, torch.zeros(n_zero)])
+    if x.numel() == 0:
+        return
+    obs = SiteObserver()
+    obs(x)
+    q = p / 100
+    th1, th2 = base_thresholds(obs.counts, q)
+    assert (th1 > 0) == (n_pos > 0) and (th2 > 0) == (n_neg > 0)
+    tol = 1 + 2 ** -7
+    assert th1 <= (float(pos.max()) * tol if n_pos else 0.0) and th2 <= (float(-neg.min()) * tol if n_neg else 0.0)
+    if obs.quantile(q) > 1e-30:  # the data's magnitudes are above 1e-7: anything smaller is zero
+        assert th1 == obs.quantile(q)
+    if obs.quantile(1 - q) < -1e-30:
+        assert th2 == -obs.quantile(1 - q)
+
+
+def test_gelu_site_keeps_its_positive_side_at_low_percentiles():
+    """After a GELU most values are small negatives: at p = 60 θ1 comes from the positive values."""
+    x = torch.nn.functional.gelu(torch.randn(100_000) - 1.0)
+    obs = SiteObserver()
+    obs(x)
+    assert obs.quantile(0.6) < 0
+    th1, th2 = base_thresholds(obs.counts, 0.6)
+    assert th1 == pytest.approx(float(x[x > 0].quantile(0.6)), rel=0.01)
+    assert th2 == pytest.approx(-obs.quantile(0.4))

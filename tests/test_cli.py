@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import ecmt
 from ecmt import cli, serialization
-from ecmt.errors import CheckpointError, IncompatibleFileError, UnsupportedModelError
+from ecmt.errors import CheckpointError, IncompatibleFileError
 from ecmt.evaluation import Tally
 from ecmt.models import from_spec, load_model, read_state_dict
 
@@ -122,6 +122,7 @@ def test_saved_snn_reloads_bit_identical(checkpoint, tmp_path):
     snn.spec = bundle.spec
     saved = serialization.read(serialization.save(snn, tmp_path / "s.safetensors", ann=bundle.model))
     assert saved.snn.levels == 5 and saved.snn.thresholds.percentile == 99.5 and saved.snn.spec == bundle.spec
+    assert saved.info["ecmt_version"] == ecmt.__version__ and saved.info["levels"] == 5
     assert torch.equal(ecmt.simulate(snn, x, 6), ecmt.simulate(saved.snn, x, 6))
     assert saved.ann is not None and torch.equal(saved.ann(x), bundle.model(x))
     assert serialization.read(serialization.save(snn, tmp_path / "no_ann.safetensors")).ann is None
@@ -153,7 +154,8 @@ def test_incompatible_version_is_refused(checkpoint, folder, tmp_path, capsys):
     with pytest.raises(IncompatibleFileError, match="99.0.0"):
         serialization.load(path)
     assert cli.main(["evaluate", "--snn", str(path), "--dataset", str(folder)]) == 2
-    assert "written by ecmt 99.0.0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "written by ecmt 99.0.0" in err and "convert the model again" in err
     save_file(load_file(str(path)), str(path))  # no metadata at all
     with pytest.raises(IncompatibleFileError, match="not an ecmt SNN file"):
         serialization.load(path)
@@ -170,21 +172,6 @@ def test_checkpoint_wrappers_prefix_and_class_count(tmp_path):
     assert torch.equal(bundle.model(x), model(x))
     assert from_spec(bundle.spec).num_classes == 7
     assert read_state_dict(path).keys() == model.state_dict().keys()
-
-
-def test_checkpoint_errors_name_the_mismatches(tmp_path):
-    state = _randomize(timm.create_model("ecmt_test_vit")).state_dict()
-    state["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
-    del state["norm.bias"]
-    path = tmp_path / "bad.bin"
-    torch.save({"state_dict": state}, path)
-    with pytest.raises(CheckpointError, match=r"1 missing: norm\.bias.*blocks\.0\.attn\.qkv\.weight \(5, 5\)"):
-        load_model("ecmt_test_vit", path)
-    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
-        load_model("ecmt_test_vit", tmp_path / "garbage.pth")
-    with pytest.raises(UnsupportedModelError, match="did you mean.*vit_small_patch16_224"):
-        load_model("vit_smal_patch16_224", path)
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -222,53 +209,13 @@ def test_sweep_reuses_one_calibration(checkpoint, folder, tmp_path, capsys):
     assert "n=4 p=99.9" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--T", "0"], "--T: must be at least 1"),
-    (["--levels", "0"], "--levels: must be at least 1"),
-    (["--percentile", "50"], "--percentile: must be in (50, 100]"),
-    (["--percentile", "100.5"], "--percentile: must be in (50, 100]"),
-    (["--batch-size", "-3"], "--batch-size: must be at least 1"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
-def test_argument_errors_exit_2_with_one_line(checkpoint, folder, capsys, extra, message):
-    assert cli.main(_evaluate_args(checkpoint, folder, *extra)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("ecmt: error: ") and err.count("\n") == 1 and message in err
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--model", "vit_smal_patch16_224", "--checkpoint", "x.pth"], "did you mean"),
-    (["--model", "ecmt_test_vit", "--checkpoint", "/nonexistent.pth"], "not found"),
-    (["--model", "ecmt_test_vit"], "needs --checkpoint"),
-    (["--snn", "/nonexistent.safetensors"], "not found"),
-])
-def test_input_errors_exit_2_with_one_line(folder, capsys, args, message):
-    assert cli.main(["evaluate", *args, "--dataset", str(folder)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("ecmt: error: ") and err.count("\n") == 1 and message in err
-
-
-def test_dataset_errors_and_cuda(checkpoint, folder, tmp_path, capsys):
-    assert cli.main(_evaluate_args(checkpoint, tmp_path / "nowhere")) == 2
-    assert "unknown dataset" in capsys.readouterr().err
-    assert cli.main(_evaluate_args(checkpoint, "fashion-mnist")) == 2  # RGB 16x16 model, 1x28x28 images
-    assert "images are 1x28x28 but the model expects 3x16x16" in capsys.readouterr().err
-    (tmp_path / "two" / "a").mkdir(parents=True)
-    Image.new("RGB", (4, 4)).save(tmp_path / "two" / "a" / "x.png")
-    assert cli.main(_evaluate_args(checkpoint, tmp_path / "two")) == 2
-    assert "has 1 class directories but the model predicts 3" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert cli.main(_evaluate_args(checkpoint, folder, "--device", "cuda")) == 2
-        assert "CUDA is not available" in capsys.readouterr().err
-
-
 def test_debug_shows_the_exception(checkpoint, folder):
     with pytest.raises(CheckpointError):
         cli.main(["evaluate", "--model", "ecmt_test_vit", "--checkpoint", "/nonexistent.pth", "--debug"])
 
 
-def test_real_process_evaluates_a_saved_snn(folder, tmp_path):
-    """``python -m ecmt`` in a fresh interpreter, on an SNN file whose spec needs no test code."""
+def tiny_snn_file(tmp_path: Path) -> Path:
+    """A converted tiny ViT, saved with its ANN, whose spec needs no test code to rebuild."""
     spec = {"name": "tiny-vit", "builder": "vit", "num_classes": CLASSES,
             "kwargs": {"img_size": 16, "num_classes": CLASSES, **TINY},
             "data_config": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3,
@@ -277,7 +224,12 @@ def test_real_process_evaluates_a_saved_snn(folder, tmp_path):
     _randomize(bundle.model)
     snn = ecmt.convert(bundle.model, ecmt.calibrate(bundle.model, [torch.randn(4, 3, 16, 16)]), levels=4)
     snn.spec = bundle.spec
-    path = serialization.save(snn, tmp_path / "tiny.safetensors", ann=bundle.model)
+    return serialization.save(snn, tmp_path / "tiny.safetensors", ann=bundle.model)
+
+
+def test_real_process_evaluates_a_saved_snn(folder, tmp_path):
+    """``python -m ecmt`` in a fresh interpreter, on an SNN file whose spec needs no test code."""
+    path = tiny_snn_file(tmp_path)
     js = tmp_path / "r.json"
     src = str(Path(ecmt.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),

@@ -78,7 +78,7 @@ def test_eq18_builds_the_same_product_incrementally():
 
 
 @pytest.mark.parametrize("fn", [nn.GELU(), MaskedSoftmax()], ids=["gelu", "softmax"])
-def test_large_T_running_mean_stays_accurate(fn):
+def test_large_T_running_mean_stays_accurate(fn, one_thread):
     """T = 1024: the cancellation in Eq. 15 must not ruin the running mean.
 
     Tolerance: the running mean of the outputs matches F(mean input) to 1e-5 absolute
@@ -94,14 +94,42 @@ def test_large_T_running_mean_stays_accurate(fn):
     assert err < 1e-5
 
 
-def test_accumulators_are_float32_for_half_precision_inputs():
-    ec = ExpectationCompensation(nn.GELU())
-    xs = (torch.randn(256, 32) * 2).bfloat16()
-    total = torch.zeros(32, dtype=torch.float64)
-    for x in xs:
-        out = ec(x)
-        assert out.dtype == torch.bfloat16 and ec.s.dtype == torch.float32
-        total += out.double()
-    ref = nn.GELU()(xs.float().mean(0)).double()
-    # bf16 outputs are rounded each step, but the running sums are float32: error ~2e-4.
-    assert (total / 256 - ref).abs().max() < 2e-3
+@pytest.fixture
+def one_thread():
+    """1024 steps of tiny tensors: a second thread only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["layernorm", "softmax", "matmul"])
+def test_large_T_in_half_precision_keeps_float32_accumulators(name, dtype, one_thread):
+    """T = 1024 on bf16/fp16 inputs: the outputs are in the input dtype, the running sums float32.
+
+    Tolerance: each output O(t) is rounded once to the input dtype (relative error eps/2), and
+    the float32 sums add next to nothing (1e-5, as in float32 above), so the running mean after
+    T steps matches F(mean input) within eps/2 · mean_t |O(t)| + 1e-5, element by element.
+    A sum kept in bf16 would have stopped growing long before (1024 · 3 > 2^8).
+    """
+    T, g = 1024, torch.Generator().manual_seed(0)
+    if name == "matmul":
+        a, b = torch.randn(T, 2, 4, 8, generator=g).to(dtype), torch.randn(T, 2, 8, 5, generator=g).to(dtype)
+        module, inputs = MatMulEC(), list(zip(a, b))
+        ref = a.double().mean(0) @ b.double().mean(0)
+    else:
+        fn = nn.LayerNorm(16) if name == "layernorm" else MaskedSoftmax()
+        xs = (torch.randn(T, 4, 16, generator=g) * 3).to(dtype)
+        module, inputs = ExpectationCompensation(fn), [(x,) for x in xs]
+        ref = fn(xs.double().mean(0).float()).double()
+    total, magnitude = torch.zeros(ref.shape, dtype=torch.float64), torch.zeros(ref.shape, dtype=torch.float64)
+    with torch.no_grad():
+        for x in inputs:
+            out = module(*x)
+            total += out.double()
+            magnitude += out.double().abs()
+    sums = (module.sa, module.sb) if name == "matmul" else (module.s,)
+    assert out.dtype == dtype and all(s.dtype == torch.float32 for s in sums)
+    error = (total / T - ref).abs()
+    assert (error <= torch.finfo(dtype).eps / 2 * magnitude / T + 1e-5).all()

@@ -13,7 +13,7 @@ from .calibration import ActivationStats, calibrate, collect_statistics
 from .compensation import ExpectationCompensation, MatMulEC
 from .conversion import SpikingModel, build_spiking, convert, site_names
 from .errors import (CalibrationError, CheckpointError, ConversionError, DatasetError, IncompatibleFileError,
-                     InvalidInputError, ThresholdError, UnsupportedModelError)
+                     InvalidInputError, ResumeError, ThresholdError, UnsupportedModelError)
 from .neurons import MTNeuron
 from .simulation import simulate, simulate_steps
 from .state import reset_net
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStats", "CalibrationError", "CheckpointError", "ConversionError", "DatasetError",
-    "ExpectationCompensation", "IncompatibleFileError", "InvalidInputError", "MTNeuron", "MatMulEC",
+    "ExpectationCompensation", "IncompatibleFileError", "InvalidInputError", "MTNeuron", "MatMulEC", "ResumeError",
     "SpikingModel", "ThresholdError", "Thresholds", "UnsupportedModelError", "build_spiking", "calibrate",
     "collect_statistics", "convert", "reset_net", "simulate", "simulate_steps", "site_names", "tune",
 ]

@@ -11,8 +11,9 @@ how the data is split between processes (histograms add).
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .conversion import build_spiking
 from .distributed import all_reduce_sum
-from .errors import CalibrationError, ConversionError
+from .errors import CalibrationError, ConversionError, InvalidInputError
 from .fusion import fusable
 from .state import reset_net
 from .thresholds import Override, Thresholds
@@ -43,6 +44,12 @@ def _bucket_edge(b: Tensor) -> Tensor:
     i = ((b.to(torch.int64) - BUCKETS // 2) << 16).to(torch.int32)
     i = torch.where(i < 0, i ^ _FLIP, i)
     return i.view(torch.float32)
+
+
+_ZERO = BUCKETS // 2
+"""The bucket of +0.0 and of the positive denormals below 2⁻¹³³; −0.0 is in the one below."""
+_SMALLEST_POSITIVE = float(_bucket_edge(torch.tensor([_ZERO + 1])))
+"""The smallest value above the zero buckets (about 9e-41): smaller magnitudes count as zero."""
 
 
 class SiteObserver(nn.Module):
@@ -86,18 +93,57 @@ class ActivationStats:
     def quantile(self, site: str, q: float) -> float:
         return histogram_quantile(self.counts[site], q)
 
+    def site_thresholds(self, site: str, percentile: float) -> tuple[float, float]:
+        """``(θ1, θ2)`` of one site at percentile p (see :func:`base_thresholds`)."""
+        return base_thresholds(self.counts[site], percentile / 100.0)
+
     def thresholds(self, percentile: float = 99.0, overrides: Optional[Mapping[str, Override]] = None) -> Thresholds:
         """θ1 = p-th percentile and θ2 = −(100−p)-th percentile at every site.
 
-        A side whose percentile has the wrong sign (e.g. the negative side of a softmax
-        output) gets θ = 0, which disables it.
+        A side whose percentile has the wrong sign takes its threshold from the values of
+        its own sign, and a side with no such values (the negative side of a softmax
+        output) gets θ = 0, which disables it: see :func:`base_thresholds`.
         """
         _check_percentile(percentile)
-        q = percentile / 100.0
-        sites = {name: (max(self.quantile(name, q), 0.0), max(-self.quantile(name, 1.0 - q), 0.0))
-                 for name in self.counts}
+        sites = {name: self.site_thresholds(name, percentile) for name in self.counts}
         th = Thresholds(sites, percentile)
         return th.with_overrides(overrides) if overrides else th
+
+
+def base_thresholds(counts: Tensor, q: float) -> tuple[float, float]:
+    """``(θ1, θ2)`` from a site's histogram at quantile q = p/100 (Algorithm 1, step 1).
+
+    Algorithm 1 sets θ1 to the p-th percentile of the activations and −θ2 to the (100−p)-th.
+    **Deviation:** when that percentile has the wrong sign (θ1 ≤ 0, or −θ2 ≥ 0) but values
+    of the side's sign exist, the side's threshold is taken from those values alone: θ1 is the
+    p-th percentile of the positive values, −θ2 the (100−p)-th percentile of the negative
+    ones. Without this, a site whose activations are mostly small negatives (after a GELU)
+    gets θ1 = 0 for p below about 80, loses its positive side, and the SNN's output collapses.
+    Only a side with no values of its sign at all (the negative side of a softmax output) is
+    disabled (θ = 0). Exact zeros and denormals below 1e-40 count as neither sign.
+
+    Example:
+        >>> obs = SiteObserver()
+        >>> _ = obs(torch.tensor([-0.1] * 80 + [1.0] * 20))
+        >>> th1, th2 = base_thresholds(obs.counts, 0.7)   # the 70th percentile is -0.1
+        >>> round(th1, 1), round(th2, 1)
+        (1.0, 0.1)
+    """
+    positive, negative = slice(_ZERO + 1, None), slice(None, _ZERO - 1)
+    th1 = histogram_quantile(counts, q)
+    if th1 < _SMALLEST_POSITIVE:  # the percentile is not positive
+        th1 = histogram_quantile(_keep(counts, positive), q) if counts[positive].any() else 0.0
+    th2 = -histogram_quantile(counts, 1.0 - q)
+    if th2 < _SMALLEST_POSITIVE:
+        th2 = -histogram_quantile(_keep(counts, negative), 1.0 - q) if counts[negative].any() else 0.0
+    return th1, th2
+
+
+def _keep(counts: Tensor, buckets: slice) -> Tensor:
+    """The histogram of the values in ``buckets`` only."""
+    out = torch.zeros_like(counts)
+    out[buckets] = counts[buckets]
+    return out
 
 
 def _check_percentile(p: float) -> None:
@@ -114,12 +160,45 @@ def model_input(batch: Any) -> Any:
     return batch
 
 
-def check_finite(x: Any, what: str) -> None:
-    """Raise if a floating tensor (or a dict of tensors) holds NaN or Inf."""
-    tensors = x.values() if isinstance(x, Mapping) else [x]
-    for t in tensors:
-        if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise ConversionError(f"{what} contains NaN or Inf values")
+def check_finite(x: Any, what: str, error: type[ConversionError] = InvalidInputError) -> None:
+    """Raise ``error`` if a floating tensor (or a dict of tensors) holds NaN or Inf, saying where.
+
+    One device synchronisation per tensor: check an input once, not at every time step.
+    """
+    named = x.items() if isinstance(x, Mapping) else [(None, x)]
+    for key, t in named:
+        if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            where = what if key is None else f"{what}[{key!r}]"
+            raise error(f"{where} holds {int(bad.sum())} NaN or Inf value(s), the first at index {first}: "
+                        "fix the data or its preprocessing (or replace them with torch.nan_to_num)")
+
+
+@contextmanager
+def input_errors(x: Any, what: str, error: type[ConversionError]) -> Iterator[None]:
+    """Report a failure of the model on ``x`` as ``error``, with the input's shape.
+
+    An input the model cannot take fails inside it: timm asserts the image size
+    (AssertionError), layers check shapes and channels (RuntimeError).
+    """
+    try:
+        yield
+    except (AssertionError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        shape = {k: tuple(v.shape) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape)
+        raise error(f"the model cannot take {what} of shape {shape} ({' '.join(str(e).split())}): "
+                    "give inputs of the size and channels it was built for") from e
+
+
+NON_FINITE_BUCKETS = 128
+"""The first and the last 128 buckets hold exactly the NaN and ±Inf values."""
+
+
+def non_finite(counts: Tensor) -> int:
+    """How many NaN or Inf values a site's histogram holds."""
+    return int(counts[:NON_FINITE_BUCKETS].sum() + counts[-NON_FINITE_BUCKETS:].sum())
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -145,7 +224,8 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
     summed across ranks, so every rank gets the statistics of the whole calibration set.
 
     Raises:
-        CalibrationError: No batch was given, or an input holds NaN/Inf.
+        CalibrationError: No batch was given, an input holds NaN/Inf or does not fit the
+            model, or the model's activations do.
     """
     observers: dict[str, SiteObserver] = {}
 
@@ -158,20 +238,23 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
     net.to(device)
     seen = 0
     it = batches if max_batches is None else itertools.islice(batches, max_batches)
-    for batch in tqdm(it, desc="calibrating", total=max_batches, disable=not progress, leave=False):
+    hidden = None if progress is None else not progress  # None: shown on terminals only
+    for batch in tqdm(it, desc="calibrating", total=max_batches, disable=hidden, leave=False):
         x = to_device(model_input(batch), device)
-        try:
-            check_finite(x, "calibration input")
-        except ConversionError as e:
-            raise CalibrationError(str(e)) from None
+        check_finite(x, "calibration input", CalibrationError)
         reset_net(net)  # a single step with fresh state: every EC computes exactly F(x)
-        net(**x) if isinstance(x, Mapping) else net(x)
+        with input_errors(x, "the calibration input", CalibrationError):
+            net(**x) if isinstance(x, Mapping) else net(x)
         seen += 1
     seen = int(all_reduce_sum(torch.tensor([seen], device=device))[0])  # under torchrun: all ranks
     if seen == 0:
-        raise CalibrationError("the calibration set is empty")
+        raise CalibrationError("the calibration set is empty: give at least one batch of inputs")
     for obs in observers.values():
         all_reduce_sum(obs.counts)
+    broken = [name for name, obs in observers.items() if non_finite(obs.counts)]
+    if broken:
+        raise CalibrationError(f"the model's activations hold NaN or Inf at {len(broken)} site(s), first at "
+                               f"{broken[0]}, on finite inputs: check the model's weights (and its dtype)")
     return ActivationStats({name: obs.counts for name, obs in observers.items()})
 
 

@@ -3,11 +3,13 @@
 Subcommands:
 
 * ``ecmt evaluate``: calibrate, convert and evaluate a model (or evaluate a saved SNN):
-  ANN top-1 and SNN top-1 at every t ≤ T, energy ratio, firing rates; JSON, CSV, plots. For a
+  ANN top-1 and SNN top-1 at every t ≤ T, energy ratio, firing rates; JSON, CSV, plots; with
+  ``--adaptive``, also the top-1 and mean steps when each image stops once settled. For a
   sentence encoder (``--model minilm``, ``--texts FILE``): the cosine similarity of the SNN's
   sentence embeddings to the ANN's and the agreement of their similarity rankings at every t.
 * ``ecmt demo``: the same, on the reference model and Fashion-MNIST, with no arguments.
-* ``ecmt convert``: calibrate and convert a model and save the SNN to a file.
+* ``ecmt convert``: calibrate and convert a model (or a sentence encoder) and save the SNN to
+  a file.
 * ``ecmt sweep``: accuracy against T for several numbers of levels and percentiles from one
   calibration (paper Fig. 5).
 
@@ -15,22 +17,29 @@ Calibration data is the dataset's training split when it has one (Fashion-MNIST,
 an image folder has none, so its calibration images are a random sample of the evaluated
 images themselves (the first ``--calib-batches`` batches of the seeded random order).
 
+``ecmt evaluate`` (and ``demo``) also runs under ``torchrun``, with the batches shared out
+across processes (:mod:`ecmt.distributed`); with ``--out DIR`` it saves its progress after
+every batch, and ``--resume`` continues an interrupted run (:mod:`ecmt.progress`).
+
 Bad input of any kind (arguments, models, checkpoints, datasets, files) ends with one line
 ``ecmt: error: ...`` on stderr and exit status 2; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
+from .adaptive import StopRule, mean_energy
 from .calibration import ActivationStats, collect_statistics
 from .conversion import SpikingModel, convert
 from .data import EvalData, open_dataset
@@ -38,9 +47,11 @@ from .energy import energy_report, ops_report
 from .errors import ConversionError
 from .evaluation import Tally, evaluate, images_only, loader, seed_everything, subset
 from .models import ModelBundle, load_model
+from .progress import PROGRESS_FILE, SNN_FILE, Progress, check_progress, evaluate_dataset, load_progress
 from .tuning import tune
 from .results import format_table, per_step_rows, steps_within, sweep_rows, table_steps, write_csv, write_json
-from .text import TEXT_MODELS, evaluate_text, read_texts
+from .text import (convert_text, evaluate_text, is_text_model, load_text_model, read_texts, saved_text_model,
+                   text_ops_report)
 
 DEMO_MODEL = "fmnist-vit"
 DEMO_DATASET = "fashion-mnist"
@@ -81,6 +92,16 @@ def _percentile(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 50.0 < value <= 100.0:
         raise argparse.ArgumentTypeError(f"must be in (50, 100], got {value:g}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
     return value
 
 
@@ -141,10 +162,36 @@ def _evaluation_options(p: argparse.ArgumentParser, *, T: int, out: Optional[str
                        help="count operations and spikes on the first N batches (default: 1; 0: off)")
 
 
+def _adaptive_options(p: argparse.ArgumentParser) -> None:
+    default = StopRule()
+    p.add_argument("--adaptive", action="store_true",
+                   help="also report adaptive time steps (ecmt.adaptive): each image stops once its top-1 "
+                        "class is settled; accuracy, mean steps and energy, from the same simulation")
+    p.add_argument("--patience", type=_non_negative_int, default=None, metavar="K",
+                   help=f"with --adaptive: the top-1 class must be unchanged over the last K steps "
+                        f"(default: {default.patience})")
+    p.add_argument("--margin", type=_fraction, default=None, metavar="M",
+                   help=f"with --adaptive: and its softmax probability must exceed the runner-up's by M "
+                        f"(default: {default.margin})")
+
+
+def _resume_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted evaluation whose results are in --out DIR: skip its "
+                        "finished batches and reuse its converted SNN")
+
+
 def _text_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--texts", metavar="FILE",
                    help="sentence encoders (--model minilm or a model folder): measure the SNN's sentence "
                         "embeddings on these sentences, one per line (default: the packaged held-out set)")
+    _calib_texts_option(p)
+    p.add_argument("--energy-texts", type=_non_negative_int, default=32, metavar="N",
+                   help="sentence encoders: count operations and spikes on N of the sentences, spread over "
+                        "their lengths, each simulated alone without padding (default: 32; 0: off)")
+
+
+def _calib_texts_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-texts", metavar="FILE",
                    help="sentences to calibrate a sentence encoder on (default: the packaged calibration set)")
 
@@ -161,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_options(p)
     _calibration_options(p)
     _evaluation_options(p, T=8, out=None, limit=None)
+    _resume_options(p)
+    _adaptive_options(p)
     _text_options(p)
     p.set_defaults(func=run_evaluate)
 
@@ -169,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_options(p)
     _calibration_options(p)
     _evaluation_options(p, T=16, out="ecmt-demo", limit=DEMO_LIMIT)
+    _resume_options(p)
+    _adaptive_options(p)
     p.set_defaults(func=run_evaluate, model=DEMO_MODEL, dataset=DEMO_DATASET, checkpoint=None, snn=None)
 
     p = sub.add_parser("convert", parents=[_common()], help="calibrate, convert and save an SNN",
@@ -176,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, snn_file=False)
     _conversion_options(p)
     _calibration_options(p)
+    _calib_texts_option(p)
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="the SNN file to write (.safetensors)")
     p.set_defaults(func=run_convert)
 
@@ -190,11 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluation_options(p, T=16, out=None, limit=1000, energy=False)
     p.set_defaults(func=run_sweep)
 
-    p = sub.add_parser("ops", parents=[_common()], help="theoretical MACs per module of a timm model (Table 3)",
+    p = sub.add_parser("ops", parents=[_common()],
+                       help="theoretical MACs per module of a timm model or sentence encoder (Table 3)",
                        description="Paper Table 3 for any timm model, from its architecture only "
                                    "(built on the meta device: no weights, no data).")
-    p.add_argument("--model", required=True, metavar="NAME", help="timm model name, e.g. eva_giant_patch14_336")
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help="timm model name, e.g. eva_giant_patch14_336, or a sentence encoder (minilm, a model folder)")
     p.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution (default: the model's)")
+    p.add_argument("--tokens", type=_positive_int, metavar="N",
+                   help="sentence encoders (--model minilm or a model folder): sentence length in tokens "
+                        "(default: the model's length limit)")
     p.add_argument("--json", metavar="FILE", help="write the counts (plain integers) as JSON")
     p.set_defaults(func=run_ops)
     return parser
@@ -213,8 +270,9 @@ class Setup:
     device: torch.device
 
 
-def _setup(args: argparse.Namespace, bundle: ModelBundle, ann: Optional[nn.Module]) -> Setup:
-    device = torch.device(args.device)
+def _setup(args: argparse.Namespace, bundle: ModelBundle, ann: Optional[nn.Module],
+           device: Optional[torch.device] = None) -> Setup:
+    device = torch.device(args.device) if device is None else device
     dataset = args.dataset or bundle.dataset
     if dataset is None:
         raise UsageError(f"--dataset is required for {bundle.name}")
@@ -226,24 +284,31 @@ def _calibration_images(setup: Setup, args: argparse.Namespace) -> Any:
     return subset(setup.data.calibration, args.calib_batches * args.batch_size, args.seed)
 
 
-def _calibrate(setup: Setup, args: argparse.Namespace) -> tuple[ActivationStats, dict[str, Any]]:
+def _calibrate(setup: Setup, args: argparse.Namespace,
+               ctx: distributed.Context = distributed.Context()) -> tuple[ActivationStats, dict[str, Any]]:
+    """Activation statistics of the calibration images; under torchrun each rank reads its share."""
     start = time.perf_counter()
     images = _calibration_images(setup, args)
-    batches = images_only(loader(images, args.batch_size, args.workers))
+    ids = distributed.batch_ids(distributed.count_batches(images, args.batch_size), ctx)
+    batches = images_only(distributed.whole_batches(images, args.batch_size, ids, args.workers))
     stats = collect_statistics(setup.bundle.model.to(setup.device), batches, progress=_progress())
     info = {"source": setup.data.calibration_source, "images": len(images), "batches": args.calib_batches,
             "seconds": round(time.perf_counter() - start, 1)}
     return stats, info
 
 
-def _calibrated_snn(setup: Setup, args: argparse.Namespace) -> tuple[SpikingModel, dict[str, Any]]:
+def _calibrated_snn(setup: Setup, args: argparse.Namespace,
+                    ctx: distributed.Context = distributed.Context()) -> tuple[SpikingModel, dict[str, Any]]:
     """Thresholds at one percentile, or searched for the best output at step ``--tune``."""
     levels = args.levels or 8
     if not args.tune:
-        stats, info = _calibrate(setup, args)
+        stats, info = _calibrate(setup, args, ctx)
         return _convert(setup, stats, levels, args.percentile or 99.0), info
     if args.percentile is not None:
         raise UsageError("--tune chooses the percentiles itself; drop --percentile")
+    if ctx.world_size > 1:
+        raise UsageError("--tune runs in one process: run 'ecmt convert --tune' first, then evaluate its file "
+                         "with --snn under torchrun")
     start = time.perf_counter()
     images = _calibration_images(setup, args)
     th = tune(setup.bundle.model.to(setup.device), images_only(loader(images, args.batch_size, args.workers)),
@@ -262,8 +327,8 @@ def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: floa
 
 
 def _progress() -> Optional[bool]:
-    """Progress bars on terminals only (tqdm's ``disable=None``)."""
-    return None if sys.stderr.isatty() else False
+    """Progress bars on terminals only (tqdm's ``disable=None``), and only in rank 0."""
+    return None if sys.stderr.isatty() and distributed.is_main() else False
 
 
 def _batches(setup: Setup, args: argparse.Namespace) -> Any:
@@ -271,7 +336,8 @@ def _batches(setup: Setup, args: argparse.Namespace) -> Any:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -279,29 +345,54 @@ def _log(message: str) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``ecmt evaluate`` and ``ecmt demo``."""
-    if getattr(args, "texts", None) is not None or args.model in TEXT_MODELS:
+    stop_rule = _stop_rule(args)
+    if getattr(args, "texts", None) is not None or is_text_model(args.model) or _is_text_snn(args.snn):
+        if stop_rule is not None:
+            raise UsageError("--adaptive needs a classifier: a sentence encoder has no top-1 class to settle")
+        if args.resume or distributed.launched():
+            raise UsageError("a sentence encoder is evaluated in one go, in one process: no --resume, no torchrun")
         return run_text_evaluate(args)
     start = time.perf_counter()
+    ctx = distributed.init(args.device)
     seed_everything(args.seed)
+    out = None if args.out is None else Path(args.out)
+    resumed = _interrupted_run(args, out)
     calibration: Optional[dict[str, Any]] = None
-    if args.snn is not None:
-        if args.levels is not None or args.percentile is not None:
+    if args.snn is not None or resumed is not None:
+        if args.snn is not None and (args.levels is not None or args.percentile is not None):
             raise UsageError("--levels and --percentile are fixed by the --snn file; convert again to change them")
         from .serialization import read
 
-        saved = read(args.snn)
-        setup = _setup(args, saved.bundle, saved.ann)
+        saved = read(args.snn or out / SNN_FILE)  # type: ignore[operator]
+        setup = _setup(args, saved.bundle, saved.ann, ctx.device)
         snn = saved.snn.to(setup.device)
+        if resumed is not None:
+            calibration = resumed.info.get("calibration")
         if setup.ann is None:
             _log("ecmt: this SNN file holds no ANN; ANN accuracy is not reported")
     else:
         bundle = load_model(args.model, args.checkpoint)
-        setup = _setup(args, bundle, bundle.model)
-        snn, calibration = _calibrated_snn(setup, args)
+        setup = _setup(args, bundle, bundle.model, ctx.device)
+        snn, calibration = _calibrated_snn(setup, args, ctx)
+        if out is not None and ctx.is_main:  # a resumed run reuses it instead of calibrating again
+            _save_atomically(snn, bundle.model, out / SNN_FILE)
+    images = subset(setup.data.test, args.limit, args.seed)
+    fingerprint = _fingerprint(args, setup, snn, len(images))
+    if resumed is not None:
+        check_progress(resumed, fingerprint, out / PROGRESS_FILE)  # type: ignore[operator]
     _log(f"ecmt: evaluating {setup.bundle.name} on {setup.data.name} "
-         f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile})")
-    tally, measurement = evaluate(setup.ann, snn, _batches(setup, args), args.T, device=setup.device,
-                                  measure_batches=args.energy_batches, progress=_progress())
+         f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile}"
+         f"{'' if ctx.world_size == 1 else f', {ctx.world_size} processes'})")
+    if resumed is not None:
+        _log(f"ecmt: resuming after {resumed.done} of {resumed.batches} batches")
+    done = evaluate_dataset(setup.ann, snn, images, args.T, batch_size=args.batch_size, ctx=ctx,
+                            fingerprint=fingerprint,
+                            measure_batches=args.energy_batches, stop_rule=stop_rule, workers=args.workers,
+                            start=resumed, path=None if out is None else out / PROGRESS_FILE,
+                            info={"calibration": calibration}, progress=_progress())
+    if not ctx.is_main:
+        return 0
+    tally, measurement = done.tally, done.measurement
     record = _record(args, setup, snn, tally, calibration)
     energy = None
     if measurement is not None and measurement.steps:
@@ -309,6 +400,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         record.update(energy_ratio=energy["energy_ratio"], energy_ratio_full=energy["energy_ratio_full"],
                       energy_images=energy["samples"],
                       firing_rates={k: energy["firing_rates"][k] for k in ("levels", "mean", "layers")})
+    if stop_rule is not None:
+        record["adaptive"] = _adaptive_record(tally, stop_rule, energy)
     record["seconds"] = round(time.perf_counter() - start, 1)
     _write_evaluation(args, record, energy)
     print(format_table([record], args.T, setup.bundle.name))
@@ -316,26 +409,145 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_text_snn(path: Optional[str]) -> bool:
+    """True when ``path`` is an SNN file of a sentence encoder (``ecmt convert --model minilm``)."""
+    if path is None:
+        return False
+    from .serialization import read_info
+
+    return "text" in read_info(path)["spec"]
+
+
 def run_text_evaluate(args: argparse.Namespace) -> int:
     """``ecmt evaluate`` on a sentence encoder: cosine and rank agreement of SNN to ANN embeddings."""
-    if args.snn is not None:
-        raise UsageError("--texts needs --model: sentence encoders are calibrated and converted on the fly")
     start = time.perf_counter()
     seed_everything(args.seed)
     texts = None if args.texts is None else read_texts(args.texts)
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
-    _log(f"ecmt: evaluating {args.model} on {args.texts or 'the packaged held-out sentences'} (T = {args.T})")
-    record = evaluate_text(args.model, texts, calib_texts, T=args.T, levels=args.levels or 8,
-                           percentile=args.percentile or 99.0, batch_size=args.batch_size, device=args.device)
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    for path in ([args.json] if args.json else []) + ([Path(args.out) / "results.json"] if args.out else []):
-        _log(f"ecmt: wrote {write_json(record, path)}")
-    print(f"{'T':>4} {'cosine':>9} {'min cos':>9} {'rank agr.':>9}")
+    if args.tune and args.percentile is not None:
+        raise UsageError("--tune chooses the percentiles itself; drop --percentile")
+    snn = None
+    if args.snn is not None:
+        if args.levels is not None or args.percentile is not None or args.tune:
+            raise UsageError("--levels, --percentile and --tune are fixed by the --snn file; "
+                             "convert again to change them")
+        if calib_texts is not None:
+            raise UsageError("--calib-texts: an SNN file is already calibrated")
+        from .serialization import read
+
+        saved = read(args.snn)
+        model = saved_text_model(saved.bundle.spec, saved.ann, args.device)
+        snn = saved.snn.to(args.device)
+    else:
+        model = load_text_model(args.model, args.device)
+    _log(f"ecmt: evaluating {args.snn or args.model} on {args.texts or 'the packaged held-out sentences'} "
+         f"(T = {args.T})")
+    record = evaluate_text(model, texts, calib_texts, T=args.T, levels=args.levels or 8,
+                           percentile=args.percentile or 99.0, batch_size=args.batch_size, device=args.device,
+                           tune=args.tune, snn=snn, energy_texts=args.energy_texts)
+    energy = record.pop("energy", None)
+    record.update(snn_file=args.snn, seconds=round(time.perf_counter() - start, 1))
+    written = [write_json(record, args.json)] if args.json else []
+    if args.out:
+        from . import plots  # matplotlib is imported only when plotting
+
+        out = Path(args.out)
+        written += [write_json(record, out / "results.json"), plots.plot_text_fidelity(record, out / "fidelity.png")]
+        if energy is not None:
+            written += [write_json(energy, out / "energy.json"),
+                        plots.plot_energy_ratio(energy, out / "energy_ratio.png"),
+                        plots.plot_firing_rates(energy, out / "firing_rates.png")]
+    for path in written:
+        _log(f"ecmt: wrote {path}")
+    ratio = record.get("energy_ratio")
+    print(f"{'T':>4} {'cosine':>9} {'min cos':>9} {'rank agr.':>9}" + (f" {'E ratio':>8}" if ratio else ""))
     for t in table_steps(args.T):
         k = str(t)
-        print(f"{t:>4} {record['cosine'][k]:>9.5f} {record['cosine_min'][k]:>9.5f} {record['rank_agreement'][k]:>9.5f}")
-    print(f"{record['n_texts']} sentences; n = {record['levels']}, p = {record['percentile']}")
+        print(f"{t:>4} {record['cosine'][k]:>9.5f} {record['cosine_min'][k]:>9.5f} {record['rank_agreement'][k]:>9.5f}"
+              + (f" {ratio[k]:>8.3f}" if ratio else ""))
+    setting = f"tuned for T = {record['tuned']['tuned_T']}" if record.get("tuned") else f"p = {record['percentile']}"
+    print(f"{record['n_texts']} sentences; n = {record['levels']}, {setting}"
+          + (f"; energy ratio (Eq. 30) on {record['energy_texts']} of them, each alone" if ratio else ""))
     return 0
+
+
+def run_text_convert(args: argparse.Namespace) -> int:
+    """``ecmt convert`` on a sentence encoder: calibrate (or tune) on sentences and save the SNN."""
+    from .serialization import save
+
+    if args.tune and args.percentile is not None:
+        raise UsageError("--tune chooses the percentiles itself; drop --percentile")
+    seed_everything(args.seed)
+    tm = load_text_model(args.model, args.device)
+    calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
+    snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
+                       batch_size=args.batch_size)
+    path = save(snn, args.output, ann=tm.model)
+    setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
+    print(f"wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
+          f"calibrated on {args.calib_texts or 'the packaged calibration sentences'}")
+    return 0
+
+
+def _stop_rule(args: argparse.Namespace) -> Optional[StopRule]:
+    """The stopping rule of ``--adaptive`` (None without it)."""
+    given = {k: v for k, v in (("patience", args.patience), ("margin", args.margin)) if v is not None}
+    if not args.adaptive:
+        if given:
+            raise UsageError(f"--{next(iter(given))} sets the stopping rule of --adaptive; add --adaptive")
+        return None
+    return StopRule(**given)
+
+
+def _adaptive_record(tally: Tally, rule: StopRule, energy: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, mean steps and energy with adaptive time steps; energy exact per stop step."""
+    stops = tally.adaptive_stops or ()
+    record = {"top1": tally.adaptive_top1, "mean_steps": tally.mean_steps, "patience": rule.patience,
+              "margin": rule.margin, "stops": {str(t): c for t, c in enumerate(stops, start=1)}}
+    if energy is not None:
+        for key in ("energy_ratio", "energy_ratio_full"):
+            record[key] = mean_energy(stops, {int(t): v for t, v in energy[key].items()})
+    return record
+
+
+def _interrupted_run(args: argparse.Namespace, out: Optional[Path]) -> Optional[Progress]:
+    """The progress that ``--resume`` continues; None for a fresh run.
+
+    Raises:
+        UsageError: ``--resume`` without ``--out``, or a fresh run in a directory that holds an
+            unfinished evaluation (its work is not overwritten).
+        ResumeError: ``--resume`` and no readable progress file in ``--out``.
+    """
+    if args.resume:
+        if out is None:
+            raise UsageError("--resume needs --out DIR, the output directory of the interrupted run")
+        return load_progress(out / PROGRESS_FILE)
+    if out is not None and (out / PROGRESS_FILE).is_file():
+        old = load_progress(out / PROGRESS_FILE)
+        if not old.finished:
+            raise UsageError(f"{out} holds an unfinished evaluation ({old.done} of {old.batches} batches): "
+                             "add --resume to continue it, or choose another --out")
+    return None
+
+
+def _fingerprint(args: argparse.Namespace, setup: Setup, snn: SpikingModel, images: int) -> dict[str, Any]:
+    """Everything the counts of an evaluation depend on: a run resumes only a run with the same."""
+    stop_rule = _stop_rule(args)
+    return {"model": args.model, "snn_file": args.snn, "checkpoint": args.checkpoint, "dataset": setup.data.name,
+            "images": images, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "T": args.T,
+            "levels": args.levels, "percentile": args.percentile, "tune": args.tune,
+            "calib_batches": args.calib_batches, "energy_batches": args.energy_batches,
+            "adaptive": None if stop_rule is None else asdict(stop_rule), "device": setup.device.type,
+            "thresholds": hashlib.sha256(snn.thresholds.to_json().encode()).hexdigest()[:16],
+            "ecmt_version": __version__}
+
+
+def _save_atomically(snn: SpikingModel, ann: nn.Module, path: Path) -> None:
+    """Save ``snn`` (with ``ann``) so that a killed process leaves no half-written file."""
+    from .serialization import save
+
+    tmp = save(snn, path.with_name(f".{path.name}.tmp"), ann=ann)
+    os.replace(tmp, path)
 
 
 def _within(record: dict[str, Any]) -> str:
@@ -389,6 +601,8 @@ def run_convert(args: argparse.Namespace) -> int:
     """``ecmt convert``."""
     from .serialization import save
 
+    if is_text_model(args.model) or args.calib_texts is not None:
+        return run_text_convert(args)
     seed_everything(args.seed)
     bundle = load_model(args.model, args.checkpoint)
     setup = _setup(args, bundle, bundle.model)
@@ -402,16 +616,24 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_ops(args: argparse.Namespace) -> int:
     """``ecmt ops``: MACs per module of one block and of the whole model, per sample."""
-    report = ops_report(args.model, args.img_size)
+    if is_text_model(args.model):
+        if args.img_size is not None:
+            raise UsageError("--img-size is for image models; give a sentence encoder's length with --tokens")
+        report = text_ops_report(args.model, args.tokens)
+    else:
+        if args.tokens is not None:
+            raise UsageError("--tokens is for sentence encoders (--model minilm or a model folder)")
+        report = ops_report(args.model, args.img_size)
     dims = report["dims"]
     print(f"{report['model']}: N = {dims['tokens']}, C = {dims['channels']}, N_h = {dims['heads']}, "
           f"C_h = {dims['hidden']}, {dims['blocks']} blocks, input {tuple(report['input_size'])}")
     name, block = next(iter(report["blocks"].items()))
-    for module, macs in block.items():
-        print(f"  {name}.{module:<16} {macs / 1e6:12.2f} M")
-    for module, macs in report["outside"].items():
-        print(f"  {module:<23} {macs / 1e6:12.2f} M")
-    print(f"  {'total':<23} {report['total_macs'] / 1e6:12.2f} M")
+    rows = {f"{name}.{module}": macs for module, macs in block.items()}
+    rows.update(report["outside"])
+    width = max(23, *map(len, rows))  # long module paths (BERT) widen the column
+    for module, macs in rows.items():
+        print(f"  {module:<{width}} {macs / 1e6:12.2f} M")
+    print(f"  {'total':<{width}} {report['total_macs'] / 1e6:12.2f} M")
     if args.json:
         write_json(report, args.json)
     return 0
@@ -479,10 +701,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: CUDA is not available on this machine")
+            raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu")
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         handler: Callable[[argparse.Namespace], int] = args.func
+        if distributed.launched() and handler is not run_evaluate:
+            raise UsageError(f"'ecmt {args.command}' runs in one process; under torchrun use 'ecmt evaluate'")
         return handler(args)
     except (UsageError, ConversionError) as e:
         if debug:
@@ -492,3 +716,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("ecmt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()

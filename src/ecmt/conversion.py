@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import registry
 from .compensation import ExpectationCompensation
-from .errors import ConversionError, ThresholdError, UnsupportedModelError
+from .errors import ConversionError, InvalidInputError, ThresholdError, UnsupportedModelError
 from .layers import SiteFactory, SpikingLinear
 from .neurons import MTNeuron
 from .state import Stateful, stateful_modules
@@ -140,13 +140,14 @@ def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], lev
     Raises:
         UnsupportedModelError: The model has modules that cannot be converted.
         ThresholdError: A site has no threshold.
+        InvalidInputError: ``levels`` < 1.
 
     Example:
         >>> thresholds = ecmt.calibrate(vit, batches)           # doctest: +SKIP
         >>> snn = ecmt.convert(vit, thresholds, levels=8)       # doctest: +SKIP
     """
     if not isinstance(levels, int) or levels < 1:
-        raise ConversionError(f"levels must be a positive integer, got {levels!r}")
+        raise InvalidInputError(f"levels must be a positive integer, got {levels!r}")
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds(dict(thresholds))
     missing: list[str] = []
@@ -167,4 +168,6 @@ def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], lev
 
 
 def _load_adapters() -> None:
-    from . import adapters  # noqa: F401  (registers the model families)
+    from . import adapters  # registers the model families
+
+    adapters.load_optional()

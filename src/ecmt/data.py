@@ -383,7 +383,8 @@ def open_dataset(name: str, data_config: Mapping[str, Any], num_classes: int,
         return _open_idx(name, data_config, num_classes, root)
     if Path(name).is_dir():
         return _open_folder(Path(name), data_config, num_classes)
-    raise DatasetError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))} "
+    reason = "a file, not a directory" if Path(name).exists() else "no such dataset or directory"
+    raise DatasetError(f"unknown dataset {name!r} ({reason}): give one of {', '.join(sorted(DATASETS))} "
                        "or a directory of class subdirectories (ImageNet val layout)")
 
 
@@ -400,6 +401,8 @@ def _open_idx(name: str, data_config: Mapping[str, Any], num_classes: int,
             splits[split] = load_idx_dataset(name, split, root, data_config["mean"], data_config["std"])
         except (FileNotFoundError, ValueError) as e:
             raise DatasetError(" ".join(str(e).split())) from None
+    if len(splits["test"]) == 0:
+        raise DatasetError(f"{name}: the test split holds no images; check its IDX files")
     classes = int(splits["test"].labels.max()) + 1
     if classes != num_classes:
         raise DatasetError(f"{name} has {classes} classes but the model predicts {num_classes}")
@@ -424,7 +427,8 @@ def _open_folder(path: Path, data_config: Mapping[str, Any], num_classes: int) -
     try:
         ds = ImageFolder(str(path), transform=transform, loader=loader)
     except (FileNotFoundError, OSError) as e:
-        raise DatasetError(f"{path}: {' '.join(str(e).split())}") from None
+        raise DatasetError(f"{path}: {' '.join(str(e).split())} (expected ImageNet val layout: one "
+                           "subdirectory of images per class)") from None
     if len(ds.classes) != num_classes:
         raise DatasetError(f"{path} has {len(ds.classes)} class directories but the model predicts "
                            f"{num_classes} classes (expected ImageNet val layout: one directory per class)")

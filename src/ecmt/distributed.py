@@ -3,8 +3,9 @@
 Nothing changes for the user but the launcher: ``torchrun --nproc_per_node=N -m ecmt
 evaluate ...``. Every rank builds the same model; work is split by whole batches, so each
 image is computed in the same batch, with the same shapes, as in a single process, and the
-integer results (activation histograms, correct counts per T) are summed across ranks. The
-results are therefore identical to a one-process run, whatever the number of processes.
+integer results (activation histograms, correct counts per T) are summed across ranks, the
+operation counts gathered (:mod:`ecmt.progress`). The results are therefore identical to a
+one-process run, whatever the number of processes.
 
 The backend is NCCL on CUDA and gloo on the CPU.
 """
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, Sized, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import InvalidInputError
 
 T = TypeVar("T")
 
@@ -40,6 +44,18 @@ class Context:
         return self.rank == 0
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked to exist on this machine.
+
+    Raises:
+        InvalidInputError: CUDA is requested but not available.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {str(device)!r}: CUDA is not available on this machine; use the CPU")
+    return dev
+
+
 def launched() -> bool:
     """True when started by torchrun (or any launcher setting WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -50,12 +66,15 @@ def init(device: str = "cpu") -> Context:
 
     Args:
         device: ``"cpu"`` or ``"cuda"``; with CUDA each rank takes GPU ``LOCAL_RANK``.
+
+    Raises:
+        InvalidInputError: CUDA is requested but not available.
     """
+    dev = resolve_device(device)
     if not launched():
-        return Context(device=torch.device(device))
+        return Context(device=dev)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    dev = torch.device(device)
     if device == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
@@ -72,6 +91,42 @@ def shard(batches: Iterable[T], ctx: Context, first_to_main: int = 0) -> Iterato
         owner = 0 if i < first_to_main else (i - first_to_main) % ctx.world_size
         if owner == ctx.rank:
             yield batch
+
+
+def batch_ids(n_batches: int, ctx: Context, start: int = 0) -> range:
+    """This rank's share of the batches ``start..n_batches-1``: batch ``start + rank``, then
+    every ``world_size``-th after it (round-robin; the last round may leave ranks without one)."""
+    return range(start + ctx.rank, n_batches, ctx.world_size)
+
+
+def whole_batches(dataset: Dataset, batch_size: int, ids: Iterable[int], workers: int = 0) -> DataLoader:
+    """The batches ``ids`` of ``dataset`` cut in order into batches of ``batch_size`` images.
+
+    Batch i holds items ``i·batch_size`` up to ``(i+1)·batch_size`` (the last one fewer), as in
+    :func:`ecmt.evaluation.loader`; only the given batches are loaded.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = [list(range(i * batch_size, min((i + 1) * batch_size, n))) for i in ids]
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+
+
+def count_batches(dataset: Sized, batch_size: int) -> int:
+    """Number of batches of ``batch_size`` that ``dataset`` is cut into (the last may be short)."""
+    return -(-len(dataset) // batch_size)
+
+
+def is_main() -> bool:
+    """True in rank 0 of a job, and in a single process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

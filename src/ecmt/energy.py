@@ -73,7 +73,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from itertools import zip_longest
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
@@ -434,6 +435,32 @@ class Measurement:
         if not self.samples:
             raise ValueError("no time step was simulated inside the OpCounter")
         return sum(self.ann_macs.values()) / self.samples[0]
+
+    def __add__(self, other: "Measurement") -> "Measurement":
+        """The counts of both measurements, e.g. of two sets of batches (the same as one
+        :class:`OpCounter` around both)."""
+        def add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(x + y for x, y in zip_longest(a, b, fillvalue=0))
+
+        terms = {}
+        for name in {**self.terms, **other.terms}:
+            mine, theirs = self.terms.get(name, {}), other.terms.get(name, {})
+            terms[name] = {k: add(mine.get(k, ()), theirs.get(k, ())) for k in {**mine, **theirs}}
+        ann = {k: self.ann_macs.get(k, 0) + other.ann_macs.get(k, 0) for k in {**self.ann_macs, **other.ann_macs}}
+        spikes = {k: _merge([s for s in (self.spikes.get(k), other.spikes.get(k)) if s is not None])
+                  for k in {**self.spikes, **other.spikes}}
+        return Measurement(add(self.samples, other.samples), {**self.kinds, **other.kinds}, terms, ann, spikes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as plain JSON-able data (the inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Measurement":
+        """A measurement from :meth:`to_dict`, also after a round trip through JSON."""
+        return cls(tuple(d["samples"]), dict(d["kinds"]),
+                   {m: {k: tuple(v) for k, v in ts.items()} for m, ts in d["terms"].items()}, dict(d["ann_macs"]),
+                   {k: SiteSpikes(tuple(s["pos"]), tuple(s["neg"]), s["neuron_steps"]) for k, s in d["spikes"].items()})
 
 
 def _fresh(m: Stateful) -> bool:

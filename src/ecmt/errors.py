@@ -35,3 +35,7 @@ class DatasetError(ConversionError):
 
 class IncompatibleFileError(ConversionError):
     """A saved SNN was written by an incompatible version of ecmt."""
+
+
+class ResumeError(ConversionError):
+    """An interrupted evaluation cannot be resumed: no progress file, or one of another run."""

@@ -1,7 +1,9 @@
 """Top-1 accuracy of an ANN and of its SNN at every time step, from one simulation per batch.
 
 Results are accumulated as integer counts per batch (:class:`Tally`): the number of images
-and, for the ANN and for each step t = 1..T, the number classified correctly. Tallies add, so
+and, for the ANN and for each step t = 1..T, the number classified correctly; with a stopping
+rule (:mod:`ecmt.adaptive`), also the number classified correctly at each input's own stop
+step and the number of inputs stopping at each step, decided from the same simulation. Tallies add, so
 partial results of several runs or processes combine exactly (as a tensor, with
 :meth:`Tally.to_tensor` and :meth:`Tally.from_tensor`).
 
@@ -23,9 +25,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .adaptive import StopRule, StopTracker
 from .calibration import to_device
 from .conversion import SpikingModel
+from .distributed import resolve_device
 from .energy import Measurement, OpCounter
+from .errors import InvalidInputError
 from .simulation import simulate_steps
 
 
@@ -37,16 +42,22 @@ class Tally:
         n: Number of images.
         snn_correct: ``snn_correct[t-1]``: images the SNN classified correctly after t steps.
         ann_correct: Images the ANN classified correctly, or None when no ANN was run.
+        adaptive_correct: Images the SNN classified correctly at their stop step
+            (:mod:`ecmt.adaptive`), or None without a stopping rule.
+        adaptive_stops: ``adaptive_stops[t-1]``: images that stopped at step t (None without
+            a stopping rule).
     """
 
     n: int
     snn_correct: tuple[int, ...]
     ann_correct: Optional[int] = None
+    adaptive_correct: Optional[int] = None
+    adaptive_stops: Optional[tuple[int, ...]] = None
 
     @classmethod
-    def zero(cls, T: int, with_ann: bool = True) -> "Tally":
-        """The empty tally for T steps."""
-        return cls(0, (0,) * T, 0 if with_ann else None)
+    def zero(cls, T: int, with_ann: bool = True, adaptive: bool = False) -> "Tally":
+        """The empty tally for T steps (with the adaptive counts if ``adaptive``)."""
+        return cls(0, (0,) * T, 0 if with_ann else None, 0 if adaptive else None, (0,) * T if adaptive else None)
 
     @property
     def T(self) -> int:
@@ -56,7 +67,10 @@ class Tally:
         if other.T != self.T:
             raise ValueError(f"cannot add tallies of {self.T} and {other.T} steps")
         ann = None if self.ann_correct is None or other.ann_correct is None else self.ann_correct + other.ann_correct
-        return Tally(self.n + other.n, tuple(a + b for a, b in zip(self.snn_correct, other.snn_correct)), ann)
+        adaptive = self.adaptive_stops is not None and other.adaptive_stops is not None
+        return Tally(self.n + other.n, _add(self.snn_correct, other.snn_correct), ann,
+                     self.adaptive_correct + other.adaptive_correct if adaptive else None,  # type: ignore[operator]
+                     _add(self.adaptive_stops, other.adaptive_stops) if adaptive else None)  # type: ignore[arg-type]
 
     @property
     def ann_top1(self) -> Optional[float]:
@@ -67,16 +81,41 @@ class Tally:
         """SNN top-1 accuracy in [0, 1] after each step t = 1..T."""
         return {t: c / max(self.n, 1) for t, c in enumerate(self.snn_correct, start=1)}
 
+    @property
+    def adaptive_top1(self) -> Optional[float]:
+        """SNN top-1 accuracy at each image's stop step (None without a stopping rule)."""
+        return None if self.adaptive_correct is None else self.adaptive_correct / max(self.n, 1)
+
+    @property
+    def adaptive_steps(self) -> Optional[int]:
+        """Time steps used, summed over the images (None without a stopping rule)."""
+        return None if self.adaptive_stops is None else sum(t * c for t, c in enumerate(self.adaptive_stops, start=1))
+
+    @property
+    def mean_steps(self) -> Optional[float]:
+        """Mean number of time steps used per image (None without a stopping rule)."""
+        return None if self.adaptive_steps is None else self.adaptive_steps / max(self.n, 1)
+
     def to_tensor(self) -> Tensor:
-        """``[n, ann_correct (-1 if none), snn_correct...]`` as int64, for summing across processes."""
+        """``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops...]`` as int64,
+        for summing across processes; -1 stands for None, and absent stops are zeros."""
         ann = -1 if self.ann_correct is None else self.ann_correct
-        return torch.tensor([self.n, ann, *self.snn_correct], dtype=torch.int64)
+        adaptive = -1 if self.adaptive_correct is None else self.adaptive_correct
+        stops = self.adaptive_stops or (0,) * self.T
+        return torch.tensor([self.n, ann, *self.snn_correct, adaptive, *stops], dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, t: Tensor) -> "Tally":
         """Inverse of :meth:`to_tensor`, also of a sum of such tensors."""
-        n, ann, *snn = (int(v) for v in t.tolist())
-        return cls(n, tuple(snn), ann if ann >= 0 else None)
+        n, ann, *rest = (int(v) for v in t.tolist())
+        T = (len(rest) - 1) // 2
+        snn, adaptive, stops = rest[:T], rest[T], rest[T + 1:]
+        return cls(n, tuple(snn), ann if ann >= 0 else None, adaptive if adaptive >= 0 else None,
+                   tuple(stops) if adaptive >= 0 else None)
+
+
+def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b))
 
 
 def seed_everything(seed: int) -> None:
@@ -99,7 +138,13 @@ def subset(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
 
 
 def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
-    """Batches of ``(images, labels)`` in dataset order."""
+    """Batches of ``(images, labels)`` in dataset order.
+
+    Raises:
+        InvalidInputError: ``batch_size`` < 1.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch size must be a positive integer, got {batch_size!r}")
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
@@ -109,16 +154,31 @@ def images_only(batches: Iterable[Any]) -> Iterable[Tensor]:
 
 
 @torch.no_grad()
-def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tensor, T: int) -> Tally:
-    """Count the correct classifications of one batch, by the ANN and by the SNN at each t ≤ T."""
+def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tensor, T: int,
+                   stop_rule: Optional[StopRule] = None) -> Tally:
+    """Count the correct classifications of one batch, by the ANN and by the SNN at each t ≤ T.
+
+    With ``stop_rule``, also those of the SNN at each image's stop step, decided from the same
+    simulation's running outputs, and the number of images stopping at each step.
+    """
     ann_correct = None if ann is None else int((ann(x).argmax(-1) == y).sum())
-    snn_correct = tuple(int((out.argmax(-1) == y).sum()) for out in simulate_steps(snn, x, T))
-    return Tally(int(y.shape[0]), snn_correct, ann_correct)
+    tracker = None if stop_rule is None else StopTracker(stop_rule)
+    snn_correct = []
+    for out in simulate_steps(snn, x, T):
+        snn_correct.append(int((out.argmax(-1) == y).sum()))
+        if tracker is not None:
+            tracker.update(out)
+    if tracker is None:
+        return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct)
+    steps, preds = tracker.result()
+    stops = torch.bincount(steps.flatten() - 1, minlength=T).tolist()
+    return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct, int((preds == y).sum()), tuple(stops))
 
 
 def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tuple[Any, Tensor]], T: int, *,
              device: torch.device = torch.device("cpu"), measure_batches: int = 0,
-             progress: bool = True, desc: str = "evaluating") -> tuple[Tally, Optional[Measurement]]:
+             progress: bool = True, desc: str = "evaluating",
+             stop_rule: Optional[StopRule] = None) -> tuple[Tally, Optional[Measurement]]:
     """Evaluate the ANN and the SNN on every batch.
 
     Args:
@@ -131,14 +191,21 @@ def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tupl
             the simulation of this many first batches.
         progress: Show a progress bar with the running accuracies.
         desc: Progress bar label.
+        stop_rule: Also count the SNN's accuracy and steps with adaptive time steps
+            (:mod:`ecmt.adaptive`), from the same simulations.
 
     Returns:
         The tally, and the operation counts (:class:`ecmt.energy.Measurement`) of the measured batches (None if
         ``measure_batches`` is 0).
+
+    Raises:
+        InvalidInputError: ``device`` is not available, or see :func:`ecmt.simulate`.
     """
-    tally = Tally.zero(T, with_ann=ann is not None)
+    device = resolve_device(device)
+    tally = Tally.zero(T, with_ann=ann is not None, adaptive=stop_rule is not None)
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    bar = tqdm(batches, desc=desc, total=total, disable=not progress, unit="batch", dynamic_ncols=True)
+    bar = tqdm(batches, desc=desc, total=total, disable=None if progress is None else not progress, unit="batch",
+               dynamic_ncols=True)
     counter = OpCounter(snn) if measure_batches > 0 else None
     with ExitStack() as measuring:
         if counter is not None:
@@ -146,11 +213,13 @@ def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tupl
         for i, (x, y) in enumerate(bar):
             if i == measure_batches:
                 measuring.close()  # counting stops: hooks removed, spike counters off
-            tally += evaluate_batch(ann, snn, to_device(x, device), y.to(device), T)
+            tally += evaluate_batch(ann, snn, to_device(x, device), y.to(device), T, stop_rule)
             bar.set_postfix_str(_running(tally), refresh=False)
     return tally, None if counter is None else counter.result()
 
 
 def _running(tally: Tally) -> str:
     snn = f"snn@{tally.T} {100 * tally.snn_top1()[tally.T]:.2f}%"
+    if tally.adaptive_top1 is not None:
+        snn += f" adaptive {100 * tally.adaptive_top1:.2f}%@{tally.mean_steps:.2f}"
     return snn if tally.ann_top1 is None else f"ann {100 * tally.ann_top1:.2f}% {snn}"

@@ -30,6 +30,7 @@ eagerly from then on.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Callable, Optional
@@ -81,6 +82,8 @@ class Fusable:
         if not self.use_fused(numel):
             return self.eager(*args, **kwargs)
         if self._compiled is None:
+            # inductor's CPU path warns "No CUDA runtime is found" on machines without CUDA: noise for users
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             # dynamic_threads: parallelise every kernel whatever the sizes seen when it was compiled
             # (else a kernel first compiled for a small tensor runs on one thread, from the disk cache too)
             self._compiled = torch.compile(self.eager, dynamic=True, options={"cpp.dynamic_threads": True})

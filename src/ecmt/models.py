@@ -11,7 +11,8 @@
 
 Every loaded model comes as a :class:`ModelBundle` that also carries its preprocessing and a
 *spec*: a small JSON-able dict from which :func:`from_spec` rebuilds the architecture (with
-untrained weights), which is how :mod:`ecmt.serialization` restores a saved SNN.
+untrained weights), which is how :mod:`ecmt.serialization` restores a saved SNN. Sentence
+encoders (:mod:`ecmt.text`) are loaded there; their specs use the ``"transformers"`` builder.
 
 Example:
     >>> bundle = load_model("vit_small_patch16_224", checkpoint="vit_s.safetensors")  # doctest: +SKIP
@@ -92,8 +93,21 @@ def _build_timm(kwargs: Mapping[str, Any]) -> nn.Module:
     return timm.create_model(kwargs.pop("model_name"), pretrained=False, **kwargs)
 
 
+def _build_transformers(kwargs: Mapping[str, Any]) -> nn.Module:
+    """A HuggingFace encoder from its config (specs of :func:`ecmt.text.encoder_spec`)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = dict(kwargs["config"])
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    model = AutoModel.from_config(config, attn_implementation=kwargs.get("attn_implementation"))
+    if not kwargs.get("pooler", True) and getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
 register_builder("vit", _build_vit)
 register_builder("timm", _build_timm)
+register_builder("transformers", _build_transformers)
 
 
 def from_spec(spec: Mapping[str, Any]) -> ModelBundle:
@@ -221,8 +235,10 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
         CheckpointError: The file is missing, unreadable, or holds no state dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory: give the weights file inside it")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} not found: check the path")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -230,8 +246,12 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
             obj: Any = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise CheckpointError(f"cannot read checkpoint {path}: permission denied; "
+                              "check the file's permissions") from None
     except Exception as e:  # corrupt files raise many types (pickle, zip, safetensors errors)
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} ({' '.join(str(e).split())}): the file is "
+                              "truncated or corrupt; download or save it again") from None
     while isinstance(obj, Mapping) and not _is_state_dict(obj):
         obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
     if obj is None or not obj:
@@ -259,5 +279,11 @@ def _load_weights(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> 
     found = [f"{what}: {', '.join(keys[:MAX_LISTED])}{', ...' if len(keys) > MAX_LISTED else ''}"
              for what, keys in problems if keys]
     if found:
-        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(found))
+        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(found)
+                              + "; is it a checkpoint of this architecture?")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN or Inf values in {len(bad)} tensor(s): "
+                              f"{', '.join(bad[:MAX_LISTED])}{', ...' if len(bad) > MAX_LISTED else ''}; "
+                              "the weights are broken: use an earlier checkpoint")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

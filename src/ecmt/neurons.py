@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import InvalidInputError, ThresholdError
 from .fusion import flat, fusable
 from .state import Stateful
 
@@ -74,10 +75,10 @@ class MTNeuron(Stateful):
     def __init__(self, theta_pos: float, theta_neg: float, levels: int) -> None:
         super().__init__()
         if levels < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
+            raise InvalidInputError(f"levels must be a positive integer, got {levels}")
         theta = torch.tensor([float(theta_pos), float(theta_neg)], dtype=torch.float32)
         if not torch.isfinite(theta).all() or (theta < 0).any():
-            raise ValueError(f"thresholds must be finite and >= 0, got {theta.tolist()}")
+            raise ThresholdError(f"thresholds must be finite and >= 0, got {theta.tolist()}")
         self.levels = levels
         self.record = False  # count spikes per level (for firing rates and energy)
         self.register_buffer("theta", theta)

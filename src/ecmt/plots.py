@@ -1,7 +1,9 @@
-"""Figures: energy ratio against T, energy per module, firing rates, accuracy against T.
+"""Figures: energy ratio against T, energy per module, firing rates, accuracy against T,
+sentence-embedding fidelity against T.
 
 The energy figures take the dict of :func:`ecmt.energy.energy_report`, the accuracy figures
-an ``ecmt evaluate`` or ``ecmt sweep`` record (or the same dicts read back from JSON). Every
+an ``ecmt evaluate`` or ``ecmt sweep`` record, the fidelity figure a record of
+:func:`ecmt.text.evaluate_text` (or the same dicts read back from JSON). Every
 function writes one image and returns its path. Figures are drawn on the Agg canvas
 directly, so importing this module never changes the global matplotlib backend.
 """
@@ -25,6 +27,12 @@ def _save(fig: Figure, path: PathLike) -> Path:
     return path
 
 
+def _by_step(values: Mapping[str, float], scale: float = 1.0) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of a per-step dict keyed by ``str(t)``, in step order."""
+    ts = sorted(values, key=int)
+    return [int(t) for t in ts], [scale * values[t] for t in ts]
+
+
 def plot_energy_ratio(report: Mapping[str, Any], path: PathLike) -> Path:
     """E_SNN/E_ANN (Eq. 30) against T, paper convention and full accounting side by side.
 
@@ -36,8 +44,7 @@ def plot_energy_ratio(report: Mapping[str, Any], path: PathLike) -> Path:
               ("energy_ratio_full", "full accounting (remaining MACs)"))
     for i, (key, title) in enumerate(series):
         ax = fig.add_subplot(1, 2, i + 1)
-        ts = sorted(report[key], key=int)
-        ax.plot([int(t) for t in ts], [report[key][t] for t in ts], marker="o")
+        ax.plot(*_by_step(report[key]), marker="o")
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="ANN")
         ax.set(title=title, xlabel="time steps T", ylabel="$E_{SNN}/E_{ANN}$")
         ax.grid(alpha=0.3)
@@ -88,7 +95,8 @@ def plot_accuracy(result: Mapping[str, Any], path: PathLike) -> Path:
     """SNN top-1 accuracy against T, with the ANN's accuracy as a dashed line.
 
     Args:
-        result: An ``ecmt evaluate`` result (``snn_top1`` keyed by ``str(t)``, ``ann_top1``).
+        result: An ``ecmt evaluate`` result (``snn_top1`` keyed by ``str(t)``, ``ann_top1``;
+            with ``adaptive``, its accuracy is marked at the mean number of steps).
         path: The image to write.
 
     Example:
@@ -105,7 +113,8 @@ def plot_sweep(sweep: Mapping[str, Any], path: PathLike, title: str = "accuracy 
     Args:
         sweep: ``{"ann_top1": a or None, "runs": [{"label": str, "snn_top1": {str(t): acc},
             "levels": n, "percentile": p}]}``; runs share a colour per percentile and a line
-            style per number of levels.
+            style per number of levels. A run's ``adaptive`` result (``{"top1", "mean_steps",
+            "patience", "margin"}``) is marked with a star at its mean number of steps.
         path: The image to write.
         title: Figure title.
     """
@@ -116,13 +125,55 @@ def plot_sweep(sweep: Mapping[str, Any], path: PathLike, title: str = "accuracy 
     levels = list(dict.fromkeys(run.get("levels") for run in sweep["runs"]))
     styles = ("-", "--", ":", "-.")
     for run in sweep["runs"]:
-        ts = sorted(run["snn_top1"], key=int)
-        ax.plot([int(t) for t in ts], [100 * run["snn_top1"][t] for t in ts], marker="o", markersize=3,
+        ax.plot(*_by_step(run["snn_top1"], 100), marker="o", markersize=3,
                 color=f"C{percentiles.index(run.get('percentile')) % 10}",
                 linestyle=styles[levels.index(run.get("levels")) % len(styles)], label=run["label"])
+        if run.get("adaptive"):
+            a = run["adaptive"]
+            ax.plot([a["mean_steps"]], [100 * a["top1"]], marker="*", markersize=12, linestyle="none",
+                    color=f"C{percentiles.index(run.get('percentile')) % 10}", markeredgecolor="black",
+                    label=f"adaptive, k = {a['patience']}, m = {a['margin']:g}")
     if sweep.get("ann_top1") is not None:
         ax.axhline(100 * sweep["ann_top1"], color="black", linestyle="--", linewidth=1, label="ANN")
     ax.set(xlabel="time steps T", ylabel="top-1 accuracy (%)", title=title, ylim=(0, 100))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+TEXT_FIDELITY = (("cosine", "mean cosine similarity"), ("cosine_min", "lowest cosine similarity"),
+                 ("rank_agreement", "rank agreement (Spearman)"))
+"""The per-step series of a text evaluation record that :func:`plot_text_fidelity` draws."""
+
+
+def plot_text_fidelity(result: Mapping[str, Any], path: PathLike) -> Path:
+    """Fidelity of the SNN's sentence embeddings to the ANN's against T.
+
+    Left: the mean and lowest cosine similarity and the rank agreement. Right: their
+    distance from the ANN's value 1, on a log scale, which shows the convergence.
+
+    Args:
+        result: A record of :func:`ecmt.text.evaluate_text` (``cosine``, ``cosine_min``,
+            ``rank_agreement`` keyed by ``str(t)``; ``model``, ``levels``, ``percentile``).
+        path: The image to write.
+
+    Example:
+        >>> plot_text_fidelity(evaluate_text("minilm", T=16), "fidelity.png")   # doctest: +SKIP
+    """
+    setting = "tuned" if result.get("tuned") else f"p = {result.get('percentile')}"
+    title = f"{result.get('model', 'SNN')}, n = {result.get('levels')}, {setting}"
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, (key, label) in enumerate(TEXT_FIDELITY):
+        if key not in result:
+            continue
+        steps, values = _by_step(result[key])
+        left.plot(steps, values, marker="o", markersize=3, color=f"C{i}", label=label)
+        right.plot(steps, [max(1.0 - v, 1e-6) for v in values], marker="o", markersize=3, color=f"C{i}", label=label)
+    left.axhline(1.0, color="black", linestyle="--", linewidth=1, label="ANN")
+    left.set(xlabel="time steps T", ylabel="similarity to the ANN", title=title)
+    right.set(xlabel="time steps T", ylabel="1 − similarity", yscale="log", title="distance from the ANN")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     return _save(fig, path)

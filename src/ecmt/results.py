@@ -42,7 +42,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], T: int, arch: str) -> str:
 
     Args:
         rows: Records with ``snn_top1`` (and ``ann_top1``); a record's ``label`` names its row,
-            and ``energy_ratio`` (keyed by ``str(t)``) adds an energy row under it.
+            ``energy_ratio`` (keyed by ``str(t)``) adds an energy row under it, and ``adaptive``
+            (``ecmt evaluate --adaptive``) a line under the table.
         T: The last time step simulated.
         arch: The architecture name in the first column.
     """
@@ -63,7 +64,16 @@ def format_table(rows: Sequence[Mapping[str, Any]], T: int, arch: str) -> str:
         return "  ".join(v.ljust(w) if c < 2 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
 
     rule = "-" * len(fmt(header))
-    return "\n".join([fmt(header), rule, *map(fmt, lines)])
+    adaptive = [_adaptive_line(row) for row in rows if row.get("adaptive")]
+    return "\n".join([fmt(header), rule, *map(fmt, lines), *adaptive])
+
+
+def _adaptive_line(row: Mapping[str, Any]) -> str:
+    a = row["adaptive"]
+    energy = f", energy ratio {a['energy_ratio']:.2f}" if a.get("energy_ratio") is not None else ""
+    label = f" {row['label']}" if "label" in row else ""
+    return (f"Adaptive{label} (patience {a['patience']}, margin {a['margin']:g}): {_pct(a['top1'])} % "
+            f"at {a['mean_steps']:.2f} steps on average{energy}")
 
 
 def write_json(record: Mapping[str, Any], path: PathLike) -> Path:

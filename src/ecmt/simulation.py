@@ -6,7 +6,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .calibration import check_finite
+from .calibration import check_finite, input_errors
 from .conversion import SpikingModel
 from .errors import InvalidInputError
 
@@ -20,19 +20,18 @@ def simulate_steps(snn: SpikingModel, x: Any, T: int) -> Iterator[Tensor]:
     step is kept, so memory does not grow with T.
 
     Raises:
-        InvalidInputError: T < 1, or ``x`` holds NaN or Inf.
+        InvalidInputError: T < 1, or ``x`` holds NaN or Inf (checked once, before the first
+            step), or does not fit the network.
     """
-    if not isinstance(T, int) or T < 1:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         raise InvalidInputError(f"T must be a positive integer, got {T!r}")
-    try:
-        check_finite(x, "input")
-    except Exception as e:  # re-raised with the simulation's error type
-        raise InvalidInputError(str(e)) from None
+    check_finite(x, "the SNN input")
     snn.reset()
-    total = None
-    for t in range(1, T + 1):
-        y = snn(x).float()
-        total = y if total is None else total.add_(y)
+    with input_errors(x, "the input", InvalidInputError):  # an input that does not fit fails at once
+        total = snn(x).float()
+    yield total / 1
+    for t in range(2, T + 1):
+        total.add_(snn(x).float())
         yield total / t
 
 

@@ -10,6 +10,13 @@ Fidelity is measured after each step t against the ANN's embeddings: the mean co
 similarity over sentences, and the Spearman correlation between the SNN's and the ANN's
 pairwise sentence similarities (do both order the sentence pairs alike?).
 
+Operations and energy (:mod:`ecmt.energy`) are counted with each sentence simulated alone,
+without padding (:func:`measure_text`): padded positions are computed by a batched
+simulation but serve no sentence, so neither the SNN's operations nor the ANN's MACs count
+them. A converted encoder saved with :func:`ecmt.serialization.save` records its
+architecture, sentence head and tokenizer source (:func:`encoder_spec`), so that
+``ecmt evaluate --snn FILE`` can measure it again.
+
 Example:
     >>> result = evaluate_text("minilm", T=16, percentile=90.0)   # doctest: +SKIP
     >>> result["cosine"]["16"], result["rank_agreement"]["16"]    # doctest: +SKIP
@@ -29,9 +36,11 @@ from torch import Tensor, nn
 
 from .calibration import calibrate
 from .conversion import SpikingModel, convert
+from .energy import Measurement, OpCounter, energy_report, theoretical_ops
 from .errors import DatasetError, InvalidInputError
-from .simulation import simulate
+from .simulation import simulate, simulate_steps
 from .thresholds import Override
+from .tuning import tune as tune_thresholds
 
 POOLING_MODES = ("mean", "cls")
 
@@ -56,6 +65,8 @@ class TextModel:
         max_length: Longer inputs are truncated to this many tokens.
         pooling: ``"mean"`` (over the tokens of the attention mask) or ``"cls"`` (first token).
         normalize: L2-normalize the pooled embedding.
+        source: The short name or folder it was loaded from (where its tokenizer is found
+            again when a saved SNN of it is loaded); None if built by hand.
     """
 
     tokenizer: Any
@@ -63,6 +74,7 @@ class TextModel:
     max_length: int = 512
     pooling: str = "mean"
     normalize: bool = True
+    source: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLING_MODES:
@@ -149,6 +161,26 @@ def load_text_model(name_or_path: str, device: Union[str, torch.device] = "cpu")
     """
     from transformers import AutoModel, AutoTokenizer
 
+    path = model_folder(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # the sentence head pools the token states itself
+    source = name_or_path if name_or_path in TEXT_MODELS else str(path.resolve())
+    return TextModel(tokenizer, model.to(device).eval(), **_sentence_transformers_head(path), source=source)
+
+
+def is_text_model(name_or_path: Optional[str]) -> bool:
+    """True for a short text model name or a folder holding a HuggingFace ``config.json``."""
+    return name_or_path is not None and (name_or_path in TEXT_MODELS or Path(name_or_path, "config.json").is_file())
+
+
+def model_folder(name_or_path: str) -> Path:
+    """The local folder of a text model given by short name or path.
+
+    Raises:
+        DatasetError: Unknown name and no such folder, or the name's package is not installed.
+    """
     if name_or_path in TEXT_MODELS:
         try:
             path = Path(TEXT_MODELS[name_or_path]())
@@ -160,11 +192,69 @@ def load_text_model(name_or_path: str, device: Union[str, torch.device] = "cpu")
     if not path.is_dir():
         raise DatasetError(f"unknown text model {name_or_path!r}: use one of {sorted(TEXT_MODELS)} "
                            "or a local model folder")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # the sentence head pools the token states itself
-    return TextModel(tokenizer, model.to(device).eval(), **_sentence_transformers_head(path))
+    return path
+
+
+def encoder_spec(model: nn.Module, name: str, head: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The spec from which :func:`ecmt.models.from_spec` rebuilds a HuggingFace encoder.
+
+    Set it as ``snn.spec`` before :func:`ecmt.serialization.save`. The spec holds the
+    model's config (not its weights, which the file holds) and, for a sentence encoder, the
+    head of its :class:`TextModel` under ``"text"``.
+
+    Args:
+        model: The encoder that was converted (e.g. ``BertModel``, with or without pooler).
+        name: A name for messages and records.
+        head: ``{"source", "pooling", "normalize", "max_length"}``; see :func:`text_spec`.
+
+    Example:
+        >>> snn.spec = encoder_spec(bert, "tiny-bert")             # doctest: +SKIP
+        >>> ecmt.serialization.save(snn, "bert.safetensors", ann=bert)  # doctest: +SKIP
+    """
+    config = json.loads(model.config.to_json_string())
+    kwargs = {"config": config, "attn_implementation": model.config._attn_implementation,
+              "pooler": getattr(model, "pooler", None) is not None}
+    spec = {"name": name, "builder": "transformers", "kwargs": kwargs, "num_classes": 0, "data_config": {}}
+    return {**spec, "text": dict(head)} if head is not None else spec
+
+
+def text_spec(tm: TextModel) -> dict[str, Any]:
+    """:func:`encoder_spec` of a sentence encoder loaded by :func:`load_text_model`.
+
+    Raises:
+        InvalidInputError: ``tm.source`` is None, so its tokenizer could not be found again.
+    """
+    if tm.source is None:
+        raise InvalidInputError("this TextModel has no source (it was not loaded by load_text_model), "
+                                "so a saved SNN of it could not find its tokenizer")
+    head = {"source": tm.source, "pooling": tm.pooling, "normalize": tm.normalize, "max_length": tm.max_length}
+    return encoder_spec(tm.model, tm.source, head)
+
+
+def saved_text_model(spec: Mapping[str, Any], ann: Optional[nn.Module],
+                     device: Union[str, torch.device] = "cpu") -> TextModel:
+    """The :class:`TextModel` of a saved sentence-encoder SNN: its ANN with the recorded head.
+
+    Args:
+        spec: The file's model spec (``SavedSNN.bundle.spec``).
+        ann: The ANN restored from the file (``SavedSNN.ann``).
+        device: Where to put the ANN.
+
+    Raises:
+        InvalidInputError: The file is not a sentence encoder's, or holds no ANN.
+        DatasetError: The tokenizer's source is no longer available.
+    """
+    from transformers import AutoTokenizer
+
+    if "text" not in spec:
+        raise InvalidInputError(f"{spec.get('name')!r} is not a sentence encoder (no text head in its spec)")
+    if ann is None:
+        raise InvalidInputError("this SNN file holds no ANN to compare the embeddings with; "
+                                "save it with ann=... (ecmt convert does)")
+    head = dict(spec["text"])
+    source = head.pop("source")
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(source), local_files_only=True)
+    return TextModel(tokenizer, ann.to(device).eval(), **head, source=source)
 
 
 _ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
@@ -256,11 +346,133 @@ def rank_agreement_by_step(snn_emb: Tensor, ann_emb: Tensor) -> Tensor:
     return torch.tensor([spearman(s, ann) for s in pairwise_similarities(snn_emb)])
 
 
+def unpadded(batch: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
+    """Each sentence of a tokenized batch alone, with its padded positions removed.
+
+    Tensors shaped like ``attention_mask`` ``[B, L]`` keep the positions where the mask is 1;
+    other tensors keep their row.
+
+    Example:
+        >>> b = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]),
+        ...      "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+        >>> [x["input_ids"].tolist() for x in unpadded(b)]
+        [[[5, 6, 7]], [[8, 9]]]
+    """
+    mask = batch["attention_mask"].bool()
+    return [{k: v[i:i + 1][:, mask[i]] if v.shape == mask.shape else v[i:i + 1] for k, v in batch.items()}
+            for i in range(mask.shape[0])]
+
+
+@torch.no_grad()
+def measure_text(snn: SpikingModel, batches: Sequence[Mapping[str, Tensor]], T: int) -> Measurement:
+    """Operations and spikes of ``snn`` over T steps, each sentence simulated alone.
+
+    Padded positions serve no sentence, so they are not counted: every sentence of the
+    tokenized ``batches`` is simulated without its padding (:func:`unpadded`). Its real
+    tokens compute exactly what they compute in the padded batch (the padding mask keeps
+    padding out of them), so the counts are those of the real tokens of a batched run, and
+    the ANN's MACs (``Measurement.ann_macs``) are those of the same unpadded sentences.
+    Counts per sample are per sentence.
+
+    Example:
+        >>> m = measure_text(snn, tm.batches(texts[:32]), T=8)   # doctest: +SKIP
+        >>> energy_ratio(m)[8]                                    # doctest: +SKIP
+    """
+    with OpCounter(snn) as counter:
+        for batch in batches:
+            for x in unpadded(batch):
+                for _ in simulate_steps(snn, x, T):
+                    pass
+    return counter.result()
+
+
+def spread(texts: Sequence[str], n: int) -> list[str]:
+    """``n`` texts evenly spaced through ``texts`` (all of them if there are no more than n).
+
+    Example:
+        >>> spread(list("abcdefgh"), 3)
+        ['a', 'c', 'f']
+    """
+    return list(texts) if n >= len(texts) else [texts[i * len(texts) // n] for i in range(n)]
+
+
+def text_ops_report(name_or_path: str, tokens: Optional[int] = None) -> dict[str, Any]:
+    """Theoretical MACs per module (paper Table 3) of a sentence encoder, for ``ecmt ops``.
+
+    The encoder (without pooler, as :func:`load_text_model` uses it) is built from its
+    config on the ``meta`` device: no weights are read.
+
+    Args:
+        name_or_path: A short name (``"minilm"``) or a local model folder.
+        tokens: Sentence length N in tokens; default: the model's length limit.
+
+    Returns:
+        ``{"model", "input_size": [N], "dims", "total_macs", "blocks", "outside"}``, MACs per
+        sentence of N tokens.
+
+    Raises:
+        InvalidInputError: ``tokens`` exceeds the model's position embeddings.
+
+    Example:
+        >>> r = text_ops_report("minilm", tokens=128)               # doctest: +SKIP
+        >>> r["dims"]["channels"], r["blocks"]["encoder.layer.0"]["intermediate.dense"]   # doctest: +SKIP
+        (384, 75497472)
+    """
+    from transformers import AutoConfig, AutoModel
+
+    path = model_folder(name_or_path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    tokens = tokens or min(_sentence_transformers_head(path).get("max_length", limit), limit)
+    if not 1 <= tokens <= limit:
+        raise InvalidInputError(f"tokens must be in 1..{limit} for {name_or_path}, got {tokens}")
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    table = theoretical_ops(model, {"input_ids": torch.zeros(1, tokens, dtype=torch.long)})
+    return {"model": name_or_path, "input_size": [tokens], **table.to_dict()}
+
+
+def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, levels: int = 8,
+                 percentile: Optional[float] = 99.0, *, tune: Optional[int] = None, batch_size: int = 32,
+                 overrides: Optional[Mapping[str, Override]] = None) -> SpikingModel:
+    """Calibrate (or tune) and convert a sentence encoder; ``snn.spec`` is set for saving.
+
+    Args:
+        tm: The sentence encoder.
+        calib_texts: Sentences to calibrate on; default: the packaged calibration set.
+        levels: n, the number of thresholds on each side of the MT neurons.
+        percentile: Calibration percentile p (ignored when ``tune`` is given).
+        tune: Search the percentile per site type for the best output at this step
+            (:func:`ecmt.tune`) instead of using one percentile.
+        batch_size: Sentences per batch.
+        overrides: Per-site threshold overrides (with ``percentile`` only).
+
+    Example:
+        >>> snn = convert_text(load_text_model("minilm"), tune=4)                     # doctest: +SKIP
+        >>> ecmt.serialization.save(snn, "minilm.snn.safetensors", ann=tm.model)     # doctest: +SKIP
+    """
+    calib_texts = sorted(packaged_texts("calibration") if calib_texts is None else calib_texts, key=len)
+    batches = tm.batches(calib_texts, batch_size)
+    if tune is not None:
+        if overrides:
+            raise InvalidInputError("threshold overrides cannot be combined with tuning")
+        thresholds = tune_thresholds(tm.model, batches, T=tune, levels=levels)
+    else:
+        thresholds = calibrate(tm.model, batches, 99.0 if percentile is None else percentile, overrides)
+    snn = convert(tm.model, thresholds, levels=levels)
+    if tm.source is not None:
+        snn.spec = text_spec(tm)
+    return snn
+
+
 def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] = None,
                   calib_texts: Optional[Sequence[str]] = None, T: int = 16, levels: int = 8,
                   percentile: float = 99.0, batch_size: int = 32,
                   overrides: Optional[Mapping[str, Override]] = None,
-                  device: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+                  device: Union[str, torch.device] = "cpu", *, tune: Optional[int] = None,
+                  snn: Optional[SpikingModel] = None, energy_texts: int = 32) -> dict[str, Any]:
     """Calibrate, convert and simulate a sentence encoder; compare its embeddings to the ANN's.
 
     Args:
@@ -273,12 +485,21 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         batch_size: Sentences per batch (calibration and simulation).
         overrides: Per-site threshold overrides (see :meth:`Thresholds.with_overrides`).
         device: Where a model given by name is loaded and simulated.
+        tune: Tune the thresholds for step ``tune`` on the calibration sentences
+            (:func:`ecmt.tune`) instead of calibrating at ``percentile``.
+        snn: An SNN of this model already converted (e.g. loaded from a file): no
+            calibration; ``levels``, ``percentile`` and ``tune`` are ignored.
+        energy_texts: Count operations and spikes on this many of the sentences, evenly
+            spread over their lengths, each simulated alone (:func:`measure_text`); 0: off.
 
     Returns:
         ``{"model", "cosine": {"1": ..., ..., str(T): ...}, "rank_agreement": {...},
-        "cosine_min": {...}, "T", "levels", "percentile", "n_texts"}``: the mean and the
-        lowest cosine similarity of SNN to ANN embeddings, and the Spearman correlation of
-        their pairwise similarities, after each step.
+        "cosine_min": {...}, "T", "levels", "percentile", "n_texts", "tuned"}``: the mean and
+        the lowest cosine similarity of SNN to ANN embeddings, and the Spearman correlation
+        of their pairwise similarities, after each step. With energy counting also
+        ``"energy_ratio"`` and ``"energy_ratio_full"`` (Eq. 30, cumulative, keyed by step),
+        ``"energy_texts"``, ``"firing_rates"`` (per threshold level, mean, per layer) and
+        ``"energy"``, the whole :func:`ecmt.energy.energy_report`.
 
     Raises:
         InvalidInputError: Fewer than 2 texts to measure on (rank agreement needs a pair).
@@ -291,11 +512,11 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
     tm = load_text_model(model, device) if isinstance(model, str) else model
     # Sorted by length, batches hold little padding; the figures do not depend on the order.
     texts = sorted(packaged_texts("heldout") if texts is None else texts, key=len)
-    calib_texts = sorted(packaged_texts("calibration") if calib_texts is None else calib_texts, key=len)
     if len(texts) < 2:
         raise InvalidInputError(f"need at least 2 texts to measure on, got {len(texts)}")
-    thresholds = calibrate(tm.model, tm.batches(calib_texts, batch_size), percentile, overrides)
-    snn = convert(tm.model, thresholds, levels=levels)
+    if snn is None:
+        snn = convert_text(tm, calib_texts, levels, percentile, tune=tune, batch_size=batch_size,
+                           overrides=overrides)
     ann_emb = tm.encode(texts, batch_size)
     snn_emb = tm.encode_spiking(snn, texts, T, batch_size)
 
@@ -303,10 +524,18 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         return {str(t): round(float(v), 6) for t, v in enumerate(values.tolist(), start=1)}
 
     cosine = F.cosine_similarity(snn_emb, ann_emb.expand_as(snn_emb), dim=-1)
-    return {
-        "model": model if isinstance(model, str) else type(tm.model).__name__,
+    record = {
+        "model": tm.source or type(tm.model).__name__,
         "cosine": by_step(cosine.mean(-1)),
         "rank_agreement": by_step(rank_agreement_by_step(snn_emb, ann_emb)),
         "cosine_min": by_step(cosine.min(-1).values),
-        "T": T, "levels": levels, "percentile": percentile, "n_texts": len(texts),
+        "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "n_texts": len(texts),
+        "tuned": dict(snn.thresholds.meta) or None,
     }
+    if energy_texts > 0:
+        report = energy_report(measure_text(snn, tm.batches(spread(texts, energy_texts), batch_size), T))
+        record.update(energy_ratio=report["energy_ratio"], energy_ratio_full=report["energy_ratio_full"],
+                      energy_texts=report["samples"],
+                      firing_rates={k: report["firing_rates"][k] for k in ("levels", "mean", "layers")},
+                      energy=report)
+    return record

@@ -41,23 +41,35 @@ def site_type(name: str) -> str:
 
 def thresholds_at(stats: ActivationStats, percentile_of: Callable[[str], float]) -> Thresholds:
     """Thresholds with a percentile chosen per site."""
-    sites = {}
-    for name in stats.counts:
-        q = percentile_of(name) / 100.0
-        sites[name] = (max(stats.quantile(name, q), 0.0), max(-stats.quantile(name, 1.0 - q), 0.0))
-    return Thresholds(sites)
+    return Thresholds({name: stats.site_thresholds(name, percentile_of(name)) for name in stats.counts})
+
+
+def _valid_positions(x: Any, out: Tensor) -> Tensor:
+    """Weights of the output entries: 0 at padded token positions of a text batch, else 1.
+
+    A text model's output ``[B, L, H]`` at positions where ``attention_mask`` is 0 is never
+    used (pooling ignores them), so it does not count in the error.
+    """
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    if mask is None or out.dim() < 3 or tuple(out.shape[:2]) != tuple(mask.shape):
+        return torch.ones((), device=out.device)
+    return mask.to(out.dtype).reshape(*mask.shape, *(1,) * (out.dim() - 2))  # (B, L, 1)
 
 
 @torch.no_grad()
 def output_error(model: nn.Module, thresholds: Thresholds, inputs: list[Any], references: list[Tensor],
                  T: int, levels: int) -> float:
-    """Relative squared error ``Σ‖SNN_T − ANN‖² / Σ‖ANN‖²`` of the running mean at step T."""
+    """Relative squared error ``Σ‖SNN_T − ANN‖² / Σ‖ANN‖²`` of the running mean at step T.
+
+    Padded token positions of text batches are left out (see :func:`_valid_positions`).
+    """
     snn = convert(model, thresholds, levels)
     num = den = 0.0
     for x, ref in zip(inputs, references):
         *_, out = simulate_steps(snn, x, T)
-        num += float(((out - ref) ** 2).sum())
-        den += float((ref ** 2).sum())
+        w = _valid_positions(x, ref)
+        num += float((w * (out - ref) ** 2).sum())
+        den += float((w * ref ** 2).sum())
     return num / max(den, 1e-30)
 
 
@@ -93,7 +105,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     model = model.eval()
     refs = [output(model(**x) if isinstance(x, Mapping) else model(x)).float() for x in inputs]
 
-    bar = tqdm(total=budget, desc=f"tuning for T={T}", disable=not progress, leave=False)
+    bar = tqdm(total=budget, desc=f"tuning for T={T}", disable=None if progress is None else not progress, leave=False)
     spent = 0
 
     def error(tails: Mapping[str, float]) -> float:

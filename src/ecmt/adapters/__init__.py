@@ -1,8 +1,11 @@
 """Model-family adapters. Each module registers one family's types with :mod:`ecmt.registry`.
 
-Families whose library is not installed are skipped.
+The timm families load with the package. The HuggingFace family loads, by
+:func:`load_optional`, only once ``transformers`` has been imported: a model of that family
+cannot exist before, and importing ``transformers`` costs seconds that image users should not pay.
 """
-import importlib.util
+import importlib
+import sys
 
 from torch import nn
 
@@ -12,5 +15,9 @@ register_container(nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 from . import timm_vit, timm_eva  # noqa: E402,F401
 
-if importlib.util.find_spec("transformers") is not None:  # optional: HuggingFace transformers
-    from . import hf_bert  # noqa: F401
+
+
+def load_optional() -> None:
+    """Register the families whose library the process has imported (HuggingFace transformers)."""
+    if "transformers" in sys.modules:
+        importlib.import_module(f"{__name__}.hf_bert")
