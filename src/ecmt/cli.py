@@ -580,21 +580,29 @@ def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Ta
     }
 
 
+def _write_record(args: argparse.Namespace, record: dict[str, Any], stem: str, rows: list[dict[str, Any]],
+                  plot: Callable[[Path], Path], extra: Callable[[Path], list[Path]] = lambda out: []) -> None:
+    """Write ``--json FILE`` and, in ``--out DIR``, ``<stem>.json``, ``<stem>.csv``, the plot and ``extra``."""
+    written = [write_json(record, args.json)] if args.json else []
+    if args.out:
+        out = Path(args.out)
+        written += [write_json(record, out / f"{stem}.json"), write_csv(rows, out / f"{stem}.csv"), plot(out),
+                    *extra(out)]
+    for path in written:
+        _log(f"ecmt: wrote {path}")
+
+
 def _write_evaluation(args: argparse.Namespace, record: dict[str, Any], energy: Optional[dict[str, Any]]) -> None:
     from . import plots  # matplotlib is imported only when plotting
 
-    written = []
-    if args.json:
-        written.append(write_json(record, args.json))
-    if args.out:
-        out = Path(args.out)
-        written += [write_json(record, out / "results.json"), write_csv(per_step_rows(record), out / "results.csv"),
-                    plots.plot_accuracy(record, out / "accuracy.png")]
-        if energy is not None:
-            written += [write_json(energy, out / "energy.json"), plots.plot_energy_ratio(energy, out / "energy_ratio.png"),
-                        plots.plot_firing_rates(energy, out / "firing_rates.png")]
-    for path in written:
-        _log(f"ecmt: wrote {path}")
+    def energy_files(out: Path) -> list[Path]:
+        if energy is None:
+            return []
+        return [write_json(energy, out / "energy.json"), plots.plot_energy_ratio(energy, out / "energy_ratio.png"),
+                plots.plot_firing_rates(energy, out / "firing_rates.png")]
+
+    _write_record(args, record, "results", per_step_rows(record),
+                  lambda out: plots.plot_accuracy(record, out / "accuracy.png"), energy_files)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -665,17 +673,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     record = {"model": bundle.name, "dataset": setup.data.name, "ann_top1": ann_top1, "T": args.T,
               "n_images": n_images, "seed": args.seed, "limit": args.limit, "calibration": calibration,
               "runs": runs, "seconds": round(time.perf_counter() - start, 1), "ecmt_version": __version__}
-    written = []
-    if args.json:
-        written.append(write_json(record, args.json))
-    if args.out:
-        from . import plots  # matplotlib is imported only when plotting
+    from . import plots  # matplotlib is imported only when plotting
 
-        out = Path(args.out)
-        written += [write_json(record, out / "sweep.json"), write_csv(sweep_rows(record), out / "sweep.csv"),
-                    plots.plot_sweep(record, out / "sweep.png", title=f"{bundle.name} on {setup.data.name}")]
-    for path in written:
-        _log(f"ecmt: wrote {path}")
+    _write_record(args, record, "sweep", sweep_rows(record),
+                  lambda out: plots.plot_sweep(record, out / "sweep.png", title=f"{bundle.name} on {setup.data.name}"))
     print(format_table(runs, args.T, bundle.name))
     for run in runs:
         print(f"{run['label']}: {_within({**run, 'T': args.T})}")
