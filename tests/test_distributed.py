@@ -47,9 +47,9 @@ def test_two_process_calibration_equals_one_process(tmp_path):
 
 def test_shard_splits_batches_without_duplicates():
     items = list(range(11))
-    parts = [list(distributed.shard(items, distributed.Context(r, 3), first_to_main=2)) for r in range(3)]
+    parts = [list(distributed.shard(items, distributed.Context(r, 3))) for r in range(3)]
     assert sorted(sum(parts, [])) == items
-    assert parts[0][:2] == [0, 1]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
 
 
 def _cli_worker(rank: int, world: int, port: int, argv: list[str]) -> None:

@@ -81,15 +81,14 @@ def init(device: str = "cpu") -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def shard(batches: Iterable[T], ctx: Context, first_to_main: int = 0) -> Iterator[T]:
-    """This rank's batches: the first ``first_to_main`` go to rank 0, the rest round-robin.
+def shard(batches: Iterable[T], ctx: Context) -> Iterator[T]:
+    """This rank's batches of ``batches``, dealt round-robin (batch i to rank i mod world_size).
 
-    No batch is duplicated or dropped. ``first_to_main`` keeps batches that rank 0 must see
-    itself (e.g. the ones whose operations are counted) in one place.
+    No batch is duplicated or dropped: e.g. ``ecmt.calibrate(model, shard(batches, ctx))`` on
+    every rank gives every rank the thresholds of all the batches.
     """
     for i, batch in enumerate(batches):
-        owner = 0 if i < first_to_main else (i - first_to_main) % ctx.world_size
-        if owner == ctx.rank:
+        if i % ctx.world_size == ctx.rank:
             yield batch
 
 
@@ -134,11 +133,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def shutdown() -> None:
