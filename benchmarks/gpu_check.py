@@ -104,12 +104,12 @@ def neuron_agreement() -> dict:
     g = torch.Generator(device=DEV).manual_seed(0)
     x = torch.randn(8, 197, 384, device=DEV, generator=g) * 2
     th = torch.tensor([0.37, -0.11, 1 / 0.37, -1 / 0.11], device=DEV)
-    args = (None, x.view(-1), th[0], th[1], th[2], th[3], 128.0)
-    with torch.no_grad():
+    args = (x.view(-1), th[0], th[1], th[2], th[3], 128.0)
+    with torch.no_grad():  # each call integrates x into fresh zero membranes
         fusion.set_mode("1")
-        fused, _ = mt_step(*args, numel=x.numel())
+        fused = mt_step(torch.zeros_like(x).view(-1), *args, numel=x.numel())
         fusion.set_mode("auto")
-        eager, _ = mt_step.eager(*args)
+        eager = mt_step.eager(torch.zeros_like(x).view(-1), *args)
     return {"differing_fraction": float((fused != eager).float().mean()), "elements": x.numel(),
             "fused_failed": mt_step.failed}
 

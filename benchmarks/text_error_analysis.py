@@ -14,13 +14,11 @@ functions exactly). Three views, each against the plain SNN, at step T on held-o
 With every site exact the SNN is the ANN (cosine 1, checked as ``all_exact``).
 
     python benchmarks/text_error_analysis.py --percentile 90 --T 4 --threads 1
-    python benchmarks/text_error_analysis.py --tuned minilm-tune4/results.json --T 4 --threads 1 \
-        --name text_error_analysis_tuned      # the percentiles an `ecmt evaluate --tune 4` run chose
+    python benchmarks/text_error_analysis.py --tune 4 --T 4 --threads 1 --name text_error_analysis_tuned
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -35,7 +33,7 @@ import ecmt
 from ecmt import registry
 from ecmt.text import TextModel, convert_text, load_text_model, packaged_texts
 from ecmt.thresholds import Thresholds
-from ecmt.tuning import site_type, thresholds_at
+from ecmt.tuning import site_type
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write  # noqa: E402
@@ -69,8 +67,6 @@ def main() -> None:
     setting = p.add_mutually_exclusive_group()
     setting.add_argument("--percentile", type=float, default=None, help="calibration percentile (default: 99)")
     setting.add_argument("--tune", type=int, default=None, metavar="T", help="tune the thresholds for step T")
-    setting.add_argument("--tuned", type=Path, default=None, metavar="JSON",
-                         help="use the percentile per site type of an `ecmt evaluate --tune` results file")
     p.add_argument("--alone", action="store_true", help="also simulate each site type spiking alone")
     p.add_argument("--batch-size", type=int, default=128, help="as ecmt's default, for the same calibration")
     p.add_argument("--threads", type=int, default=1)
@@ -80,15 +76,7 @@ def main() -> None:
     start = time.perf_counter()
 
     tm = load_text_model(args.model)
-    if args.tuned is not None:
-        by_type = json.loads(args.tuned.read_text())["tuned"]["percentile_by_site_type"]
-        calib = sorted(packaged_texts("calibration"), key=len)
-        stats = ecmt.collect_statistics(tm.model, tm.batches(calib, args.batch_size))
-        th = thresholds_at(stats, lambda name: by_type[site_type(name)])
-        snn = ecmt.convert(tm.model, Thresholds(th.sites, None, {"percentile_by_site_type": by_type}), args.levels)
-    else:
-        snn = convert_text(tm, None, args.levels, args.percentile or 99.0, tune=args.tune,
-                           batch_size=args.batch_size)
+    snn = convert_text(tm, None, args.levels, args.percentile or 99.0, tune=args.tune, batch_size=args.batch_size)
     th, levels, T = snn.thresholds, snn.levels, args.T
     texts = sorted(packaged_texts("heldout"), key=len)
     ann = tm.encode(texts, args.batch_size)

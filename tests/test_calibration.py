@@ -133,3 +133,30 @@ def test_gelu_site_keeps_its_positive_side_at_low_percentiles():
     th1, th2 = base_thresholds(obs.counts, 0.6)
     assert th1 == pytest.approx(float(x[x > 0].quantile(0.6)), rel=0.01)
     assert th2 == pytest.approx(-obs.quantile(0.4))
+
+
+def test_padded_tokens_are_left_out_of_text_statistics():
+    """A padded text batch gives the histograms of its sentences calibrated one by one, unpadded:
+    padded positions (and, in the attention map, padded keys) count nowhere."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=40)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(5, 99, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    padded = ecmt.collect_statistics(model, [{"input_ids": ids * mask, "attention_mask": mask}])
+    alone = ecmt.collect_statistics(model, [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}
+                                            for i, n in enumerate(mask.sum(1).tolist())])
+    assert padded.counts.keys() == alone.counts.keys()
+    for site, counts in padded.counts.items():
+        assert int(counts.sum()) == int(alone.counts[site].sum()), site
+        # the same values up to float rounding, which may move one across a bucket edge
+        assert int((counts - alone.counts[site]).abs().sum()) <= 0.01 * int(counts.sum()), site
+    tokens, heads = int(mask.sum()), config.num_attention_heads
+    attention_maps = padded.counts["encoder.layer.0.attention.self.attn_neuron"]
+    assert int(attention_maps.sum()) == heads * int((mask.sum(1) ** 2).sum())
+    assert int(padded.counts["encoder.layer.0.intermediate.dense.neuron"].sum()) == tokens * config.hidden_size
+    assert int(padded.counts["pooler.dense.neuron"].sum()) == 3 * config.hidden_size  # one vector per sentence

@@ -9,12 +9,12 @@ from torch import nn
 from ecmt import ExpectationCompensation, MatMulEC, MTNeuron, fusion
 from ecmt.calibration import SiteObserver, _bucket_of
 from ecmt.compensation import accumulate_mean, accumulate_pair, compensate, rescale
-from ecmt.neurons import mt_step
+from ecmt.neurons import mt_step, mt_step_mean
 from ecmt.fusion import Fusable
 from ecmt.layers import MaskedSoftmax
 
 
-STEPS = [mt_step, accumulate_mean, compensate, accumulate_pair, rescale, _bucket_of]
+STEPS = [mt_step, mt_step_mean, accumulate_mean, compensate, accumulate_pair, rescale, _bucket_of]
 HAVE_COMPILER = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
 
 
@@ -49,6 +49,24 @@ def test_mt_neuron_fused_is_bit_identical(fused):
     assert all(torch.equal(a, b) for a, b in zip(eager, fused_out))
     assert torch.equal(neuron.v, v_fused)
     assert torch.equal(run(neuron, xs[4:], "0")[0], run(neuron, xs[4:], "1")[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mt_neuron_fused_half_precision_subtracts_the_rounded_spike(fused, dtype):
+    g = torch.Generator().manual_seed(5)
+    neuron = MTNeuron(0.37, 0.11, levels=6)
+    xs = [(torch.randn(4, 40, 16, generator=g).to(dtype),) for _ in range(5)]
+    eager, fused_out = run(neuron, xs, "0"), run(neuron, xs, "1")
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused_out))
+
+
+def test_mean_input_neuron_fused_is_bit_identical(fused):
+    g = torch.Generator().manual_seed(4)
+    neuron = MTNeuron(0.37, 0.11, levels=6)
+    neuron.mean_input = True
+    means = [(torch.randn(4, 40, 16, generator=g), torch.bfloat16) for _ in range(5)]
+    eager, fused_out = run(neuron, means, "0"), run(neuron, means, "1")
+    assert all(torch.equal(a, b) and a.dtype == torch.bfloat16 for a, b in zip(eager, fused_out))
 
 
 def test_mt_neuron_fused_strided_input(fused):

@@ -52,15 +52,72 @@ _SMALLEST_POSITIVE = float(_bucket_edge(torch.tensor([_ZERO + 1])))
 """The smallest value above the zero buckets (about 9e-41): smaller magnitudes count as zero."""
 
 
-class SiteObserver(nn.Module):
-    """Pass-through module that histograms the activations reaching one spiking site."""
+def real_tokens(x: Tensor, attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Where a site's activation ``x`` belongs to real tokens of a text batch, or None for everywhere.
 
-    def __init__(self) -> None:
+    ``attention_mask`` is the batch's ``[B, L]`` mask (0 at padding). The result is a boolean
+    tensor broadcastable to ``x``, for the layouts of the sites of a text Transformer:
+
+    * ``(B, L, C)``: the input of a Linear; padded positions are left out;
+    * ``(B, heads, L, D)``: q, k or v; padded positions are left out;
+    * ``(B, heads, L, L)``: the attention map; padded queries are left out, and so are the
+      padded keys, which the masked softmax makes exactly 0. An entry counts as a padded key
+      only if every such entry is 0, so a q, k or v whose head width happens to equal L is
+      never mistaken for an attention map.
+
+    Activations of other shapes (and of batches without padding) all count.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(device=x.device, dtype=torch.bool)
+    B, L = mask.shape
+    if x.dim() == 3 and tuple(x.shape[:2]) == (B, L):
+        return mask[:, :, None]  # (B, L, 1)
+    if x.dim() != 4 or x.shape[0] != B or x.shape[2] != L:
+        return None
+    queries = mask[:, None, :, None]  # (B, 1, L, 1)
+    if x.shape[3] == L:
+        keys = mask[:, None, None, :]  # (B, 1, 1, L)
+        if not bool(x.masked_select(queries & ~keys).any()):
+            return queries & keys
+    return queries
+
+
+@dataclass
+class BatchMask:
+    """The attention mask of the text batch being observed, shared by all observers of a network.
+
+    ``mask`` is None for image batches and for text batches without padding.
+    """
+
+    mask: Optional[Tensor] = None
+
+    def set(self, x: Any) -> None:
+        """Take the ``attention_mask`` of batch ``x`` (a dict of tensors), if it pads anything."""
+        mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+        self.mask = None if mask is None or bool(mask.all()) else mask
+
+
+class SiteObserver(nn.Module):
+    """Pass-through module that histograms the activations reaching one spiking site.
+
+    Args:
+        batch_mask: Holds the attention mask of the text batch being observed (see
+            :func:`collect_statistics`); activations at padded positions are not counted
+            (:func:`real_tokens`). None: everything counts.
+    """
+
+    def __init__(self, batch_mask: Optional[BatchMask] = None) -> None:
         super().__init__()
+        self.batch_mask = batch_mask
         self.register_buffer("counts", torch.zeros(BUCKETS, dtype=torch.int64))
 
     def forward(self, x: Tensor) -> Tensor:
-        self.counts += torch.bincount(_bucket_of(x, numel=x.numel()).flatten(), minlength=BUCKETS)
+        buckets = _bucket_of(x, numel=x.numel())
+        keep = real_tokens(x, self.batch_mask.mask) if self.batch_mask is not None else None
+        if keep is not None:
+            buckets = buckets.masked_select(keep)
+        self.counts += torch.bincount(buckets.flatten(), minlength=BUCKETS)
         return x
 
     def quantile(self, q: float) -> float:
@@ -84,6 +141,20 @@ def histogram_quantile(counts: Tensor, q: float) -> float:
     return lo + min(max(frac, 0.0), 1.0) * (hi - lo)
 
 
+def bucket_values(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(values, counts)`` of the non-empty buckets of a histogram, zero and non-finite ones excepted.
+
+    Each value is the middle of its bucket (float64), within 2⁻⁸ relative of every value counted there.
+    """
+    counts = counts.detach().cpu()
+    b = torch.arange(BUCKETS)
+    finite = (b >= NON_FINITE_BUCKETS) & (b < BUCKETS - NON_FINITE_BUCKETS)
+    used = (counts > 0) & finite & ((b < _ZERO - 1) | (b > _ZERO))
+    b = b[used]
+    lo, hi = _bucket_edge(b).double(), _bucket_edge(b + 1).double()
+    return (lo + hi) / 2, counts[used]
+
+
 @dataclass
 class ActivationStats:
     """Histograms of the activations at every site, from :func:`collect_statistics`."""
@@ -92,6 +163,12 @@ class ActivationStats:
 
     def quantile(self, site: str, q: float) -> float:
         return histogram_quantile(self.counts[site], q)
+
+    def percentile_of(self, site: str, value: float) -> float:
+        """The percentile rank (0 to 100) of ``value`` among the site's activations, to one bucket."""
+        counts = self.counts[site].detach().cpu().to(torch.float64)
+        b = int(_bucket_of(torch.tensor([float(value)]), numel=1))
+        return 100.0 * float(counts[:b].sum() + counts[b] / 2) / max(float(counts.sum()), 1.0)
 
     def site_thresholds(self, site: str, percentile: float) -> tuple[float, float]:
         """``(θ1, θ2)`` of one site at percentile p (see :func:`base_thresholds`)."""
@@ -212,7 +289,9 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
                        progress: bool = False) -> ActivationStats:
     """Run the ANN over ``batches`` and histogram the activation at every spiking site.
 
-    The sites are the input of every Linear and both operands of every matrix product.
+    The sites are the input of every Linear and both operands of every matrix product. In
+    text batches with an ``attention_mask``, activations at padded token positions are left
+    out: the model's output there is never used (see :func:`real_tokens`).
 
     Args:
         model: The ANN (not modified).
@@ -228,9 +307,10 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
             model, or the model's activations do.
     """
     observers: dict[str, SiteObserver] = {}
+    batch_mask = BatchMask()
 
     def make_observer(name: str) -> nn.Module:
-        observers[name] = SiteObserver()
+        observers[name] = SiteObserver(batch_mask)
         return observers[name]
 
     net = build_spiking(model, make_observer)
@@ -242,6 +322,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
     for batch in tqdm(it, desc="calibrating", total=max_batches, disable=hidden, leave=False):
         x = to_device(model_input(batch), device)
         check_finite(x, "calibration input", CalibrationError)
+        batch_mask.set(x)
         reset_net(net)  # a single step with fresh state: every EC computes exactly F(x)
         with input_errors(x, "the calibration input", CalibrationError):
             net(**x) if isinstance(x, Mapping) else net(x)

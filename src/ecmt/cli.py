@@ -144,7 +144,7 @@ def _conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=_percentile, default=None, metavar="P",
                    help="calibration percentile p in (50, 100] (default: 99)")
     p.add_argument("--tune", type=_positive_int, default=None, metavar="T",
-                   help="search a percentile per site type for the best output at step T, on the "
+                   help="search thresholds per site for the best output at step T, on the "
                         "calibration data only (ecmt.tune), instead of one percentile")
 
 

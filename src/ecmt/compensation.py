@@ -4,6 +4,16 @@ Both keep the running sums of their inputs so that, after any number of steps T,
 their outputs equals T times the ANN function of the mean input. Accumulators are float32
 whatever the model's dtype, because Eq. 15 subtracts two quantities that grow with T. The state
 is allocated at the first step and updated in place, so memory does not grow with T.
+
+**Expectation links.** By Theorems 4.1 and 4.2 the running mean of a module's outputs over
+steps 1..T is known in closed form: ``F(S(T)/T)`` for EC, ``S_A(T)·S_B(T)/T²`` for a matrix
+product. When a module's output feeds only one consumer that integrates it (another EC module,
+or an MT neuron, see :attr:`ecmt.neurons.MTNeuron.mean_input`), the producer can hand over that
+running mean instead of the per-step output: it sets ``mean_output`` and the consumer
+``mean_input``. The consumer then needs neither its own accumulator nor the producer's ``prev``
+term of Eq. 15/16, which saves memory passes and state on dense hardware. The spikes are the
+same up to float rounding; the counted operations (:mod:`ecmt.energy`) are those of Eq. 15-18
+either way. Blocks set the links with :func:`ecmt.layers.link`. Mean tensors are float32.
 """
 from __future__ import annotations
 
@@ -79,13 +89,20 @@ class ExpectationCompensation(Stateful):
     def __init__(self, fn: nn.Module) -> None:
         super().__init__()
         self.fn = copy.deepcopy(fn).float()
+        self.mean_input = False  # x is already S(T)/T, the running mean of the inputs (from a linked producer)
+        self.mean_output = False  # return F(S(T)/T), the running mean of the outputs (for a linked consumer)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         self.t += 1
-        if self.s is None:
-            self.s = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # S(0) = 0
-        mean = accumulate_mean(*flat(self.s, x), self.t, numel=x.numel())  # S(T)/T, S(T) kept in self.s
+        if self.mean_input:
+            mean = x.float()
+        else:
+            if self.s is None:
+                self.s = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # S(0) = 0
+            mean = accumulate_mean(*flat(self.s, x), self.t, numel=x.numel())  # S(T)/T, S(T) kept in self.s
         f_mean = self.fn(mean.view(x.shape), *args, **kwargs)  # a new tensor: F may work in place
+        if self.mean_output:
+            return f_mean  # Theorem 4.1: the mean of the outputs of Eq. 15 over steps 1..T
         if self.t == 1:
             self.prev = f_mean.contiguous()  # updated in place from now on: the output is a copy
             return f_mean.to(x.dtype, copy=True)  # O(1) = F(S(1)) exactly
@@ -115,14 +132,23 @@ class MatMulEC(Stateful):
 
     _state = {"t": 0, "sa": None, "sb": None, "prev": None}
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean_output = False  # return S_A(T)·S_B(T)/T², the running mean of the outputs (for a linked consumer)
+
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         self.t += 1
         if self.t == 1:  # the state is owned by the module and updated in place from now on
             self.sa, self.sb = _accumulator(a), _accumulator(b)
-            self.prev = torch.matmul(self.sa, self.sb)
+            product = torch.matmul(self.sa, self.sb)
+            if self.mean_output:
+                return product
+            self.prev = product
             return self.prev.to(a.dtype, copy=True)
         accumulate_pair(self.sa, a, self.sb, b, numel=a.numel() + b.numel())
         product = torch.matmul(self.sa, self.sb)
+        if self.mean_output:
+            return product.div_(self.t * self.t)  # Theorem 4.2: Σ_t O(t) / T = S_A(T)·S_B(T) / T²
         return rescale(*flat(product, self.prev), self.t, a.dtype, numel=product.numel()).view(product.shape)
 
 

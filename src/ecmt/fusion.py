@@ -41,7 +41,11 @@ MIN_NUMEL = 1 << 16
 """In ``auto`` mode, tensors smaller than this are processed eagerly."""
 
 RECOMPILE_LIMIT = 64
-"""Compiled variants kept per step function (one per rank, layout and F; torch's default is 8)."""
+"""Compiled variants kept per step function (one per rank, layout and F; torch's default is 8).
+
+Set in ``torch._dynamo.config.recompile_limit`` when the first step function is compiled
+(a limit already higher is kept). It is process-wide: it also applies to the caller's own
+compiled functions."""
 
 _mode = os.environ.get("ECMT_COMPILE", "auto").strip().lower()
 
@@ -86,10 +90,15 @@ class Fusable:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             # dynamic_threads: parallelise every kernel whatever the sizes seen when it was compiled
             # (else a kernel first compiled for a small tensor runs on one thread, from the disk cache too)
-            self._compiled = torch.compile(self.eager, dynamic=True, options={"cpp.dynamic_threads": True})
+            # emulate_precision_casts: round where the code casts (else an MT neuron in bf16 would subtract
+            # the unrounded spike from its membrane while the next layer receives the rounded one)
+            self._compiled = torch.compile(self.eager, dynamic=True,
+                                           options={"cpp.dynamic_threads": True, "emulate_precision_casts": True})
+            # Raised once, process-wide: patching the config around each call costs more than the call.
+            config = _dynamo_config()
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         try:
-            with _dynamo_config().patch(recompile_limit=RECOMPILE_LIMIT):
-                return self._compiled(*args, **kwargs)
+            return self._compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
             result = self.eager(*args, **kwargs)  # an error of the inputs themselves is raised here
             self.failed = True

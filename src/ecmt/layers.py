@@ -13,9 +13,53 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .compensation import ExpectationCompensation, MatMulEC
+from .neurons import MTNeuron
 
 SiteFactory = Callable[[str], nn.Module]
 """Makes the module placed at a spiking site, given the site's full dotted name."""
+
+
+def link(*chain: nn.Module) -> bool:
+    """Link a chain of modules through running means (see :mod:`ecmt.compensation`).
+
+    ``chain[0]`` is the producer (an EC module or a MatMulEC), ``chain[-1]`` the consumer (an
+    EC module or an MT neuron), and the modules in between are EC modules or ``nn.Identity``.
+    The caller guarantees that each module's output reaches only the next one, through linear
+    maps at most (reshapes, transposes, token pooling), which commute with averaging over time.
+    Nothing is linked unless every module supports it (e.g. calibration observers do not).
+
+    Returns:
+        Whether the chain was linked.
+    """
+    mods = [m for m in chain if not isinstance(m, nn.Identity)]
+    if len(mods) < 2:
+        return False
+    head, *mid, tail = mods
+    if not (isinstance(head, (ExpectationCompensation, MatMulEC)) and isinstance(tail, (ExpectationCompensation, MTNeuron))
+            and all(isinstance(m, ExpectationCompensation) for m in mid)):
+        return False
+    head.mean_output = True
+    for m in mid:
+        m.mean_input = m.mean_output = True
+    tail.mean_input = True
+    return True
+
+
+def unlink(net: nn.Module) -> None:
+    """Undo every :func:`link` in ``net``: all modules exchange per-step values (Eq. 15-16 as written).
+
+    Used to compare the two formulations; call it before a simulation starts (between
+    simulations the state is reset anyway).
+    """
+    for m in net.modules():
+        for flag in ("mean_input", "mean_output"):
+            if hasattr(m, flag):
+                setattr(m, flag, False)
+
+
+def fire(neuron: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``neuron(x)``; a linked MT neuron (whose input is a float32 mean) is told the spikes' dtype."""
+    return neuron(x, dtype) if getattr(neuron, "mean_input", False) else neuron(x)
 
 
 class SpikingLinear(nn.Module):
@@ -40,7 +84,30 @@ class SpikingLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(self.neuron(x))
+        return self.linear(fire(self.neuron, x, self.linear.weight.dtype))
+
+
+class SpikingMlp(nn.Module):
+    """A transformer MLP in ECMT form: ``fc1`` → EC(act) → optional EC(norm) → ``fc2``.
+
+    The activation's running mean is handed to ``fc2``'s MT neuron directly (:func:`link`).
+    Dropout layers are left out: a converted network is only ever evaluated.
+
+    Args:
+        fc1, fc2: The two Linear layers, already in spiking form.
+        act: The activation under EC.
+        norm: An optional norm between them, under EC (or ``nn.Identity``).
+    """
+
+    def __init__(self, fc1: nn.Module, act: nn.Module, fc2: nn.Module, norm: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+        self.norm = norm if norm is not None else nn.Identity()
+        if isinstance(fc2, SpikingLinear):
+            link(self.act, self.norm, fc2.neuron)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.norm(self.act(self.fc1(x))))
 
 
 class MaskedSoftmax(nn.Module):
@@ -105,6 +172,10 @@ class SpikingAttention(nn.Module):
         self.av = MatMulEC()
         self.norm = _compensated(norm)
         self.proj = proj if proj is not None else nn.Identity()
+        # Hand running means from product to product (Theorems 4.1, 4.2): no prev terms, no softmax accumulator.
+        link(self.qk, self.softmax, self.attn_neuron)
+        if isinstance(self.proj, SpikingLinear):
+            link(self.av, self.norm, self.proj.neuron)
 
     def forward(
         self,
@@ -123,7 +194,7 @@ class SpikingAttention(nn.Module):
         q = self.q_neuron(self.q_norm(q) * self.scale)  # (B, H, N, D)
         k = self.k_neuron(self.k_norm(k))
         attn = self.qk(q, k.transpose(-2, -1))  # (B, H, N, N)
-        attn = self.attn_neuron(self.softmax(attn, attn_mask))
+        attn = fire(self.attn_neuron, self.softmax(attn, attn_mask), q.dtype)
         x = self.av(attn, self.v_neuron(v))  # (B, H, N, D)
         x = x.transpose(1, 2).reshape(B, N, H * D)
         return self.proj(self.norm(x))

@@ -1,6 +1,8 @@
 """The Multi-Threshold (MT) neuron of ECMT (paper Sec. 4.3, Eq. 19-25)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -12,6 +14,21 @@ MIN_THETA = 1e-30
 """Base thresholds at or below this disable their side of the neuron (it never fires)."""
 
 _EXPONENT_BITS = 0x7F800000  # of a float32: clearing the others rounds down to a power of two
+
+
+def _fire(m: Tensor, theta_pos: Tensor, theta_neg: Tensor, inv_pos: Tensor, inv_neg: Tensor, top: float,
+          dtype: torch.dtype) -> Tensor:
+    """The spike of MT neurons with membrane ``m`` (Eq. 22-23, 25), in ``dtype``.
+
+    With ``u = |m| / θ + 1/2`` the neuron fires iff ``u >= 1``, with value ``±θ·2**k`` for
+    ``k = floor(log2 u)`` clamped to n − 1. ``2**floor(log2 u)`` is read exactly from the
+    exponent bits of u, so there is no rounding at the level boundaries other than that of u.
+    """
+    pos = m >= 0
+    u = m * torch.where(pos, inv_pos, inv_neg) + 0.5  # >= 1/2 on both sides
+    p = (u.view(torch.int32) & _EXPONENT_BITS).view(torch.float32).clamp(max=top)  # Eq. 25: 2**level
+    out = torch.where(u >= 1.0, torch.where(pos, theta_pos, theta_neg) * p, 0.0)  # Eq. 22-23
+    return out.to(dtype)  # the membrane subtracts exactly what the next layer receives
 
 
 @fusable
@@ -27,18 +44,29 @@ def mt_step(v: Tensor, x: Tensor, theta_pos: Tensor, theta_neg: Tensor, inv_pos:
         inv_pos, inv_neg: 1/θ1 and −1/θ2, or 0 for a disabled side.
         top: 2**(n−1), the largest threshold multiplier.
 
-    With ``u = |m| / θ + 1/2`` the neuron fires iff ``u >= 1``, with value ``±θ·2**k`` for
-    ``k = floor(log2 u)`` clamped to n − 1. ``2**floor(log2 u)`` is read exactly from the
-    exponent bits of u, so there is no rounding at the level boundaries other than that of u.
-    Runs as one fused kernel on large tensors (see :mod:`ecmt.fusion`).
+    The spike is chosen in closed form by :func:`_fire`. Runs as one fused kernel on large
+    tensors (see :mod:`ecmt.fusion`).
     """
     v.add_(x)  # Eq. 21: m = v + I
-    pos = v >= 0
-    u = v * torch.where(pos, inv_pos, inv_neg) + 0.5  # >= 1/2 on both sides
-    p = (u.view(torch.int32) & _EXPONENT_BITS).view(torch.float32).clamp(max=top)  # Eq. 25: 2**level
-    out = torch.where(u >= 1.0, torch.where(pos, theta_pos, theta_neg) * p, 0.0)  # Eq. 22-23
-    out = out.to(x.dtype)  # subtract exactly what the next layer receives
+    out = _fire(v, theta_pos, theta_neg, inv_pos, inv_neg, top, x.dtype)
     v.sub_(out)  # Eq. 24, soft reset (v stays float32)
+    return out
+
+
+@fusable
+def mt_step_mean(w: Tensor, xbar: Tensor, t: int, theta_pos: Tensor, theta_neg: Tensor, inv_pos: Tensor,
+                 inv_neg: Tensor, top: float, dtype: torch.dtype) -> Tensor:
+    """One step of MT neurons given the running mean of their inputs; updates ``w`` in place.
+
+    Summing Eq. 21 and Eq. 24 over steps 1..T gives the membrane
+    ``m(T) = Σ_t I(t) − Σ_{t<T} s(t) = T·x̄(T) + w``, where ``x̄(T)`` is the mean input over
+    steps 1..T and ``w = −Σ_{t<T} s(t)`` (float32, zeros before the first step). So a neuron fed
+    by a linked producer (see :mod:`ecmt.compensation`) fires exactly as if it had integrated
+    the per-step inputs, up to float rounding.
+    """
+    m = xbar * t + w  # Eq. 21, summed over time
+    out = _fire(m, theta_pos, theta_neg, inv_pos, inv_neg, top, dtype)
+    w.sub_(out)  # Eq. 24, summed over time
     return out
 
 
@@ -59,6 +87,12 @@ class MTNeuron(Stateful):
     A side whose base threshold is 0 (or below ``MIN_THETA``) is disabled: it never fires. This
     is what calibration gives a site whose activations never reach that sign.
 
+    State: ``t``, the steps since the last reset, and ``v`` (float32). Normally ``v`` is the
+    membrane potential after the step, ``Σ I − Σ s``. With ``mean_input`` set (the neuron is
+    fed the running mean ``x̄`` of its inputs by a linked producer, see
+    :mod:`ecmt.compensation`), ``v`` holds ``−Σ s`` and the membrane after step T is
+    ``T·x̄(T) + v``.
+
     Args:
         theta_pos: Positive base threshold θ1 (>= 0).
         theta_neg: Magnitude of the negative base threshold θ2 (>= 0).
@@ -70,7 +104,7 @@ class MTNeuron(Stateful):
         tensor([ 0.0000,  1.0000,  2.0000, -0.5000, -4.0000])
     """
 
-    _state = {"v": None}
+    _state = {"v": None, "t": 0}
 
     def __init__(self, theta_pos: float, theta_neg: float, levels: int) -> None:
         super().__init__()
@@ -80,6 +114,7 @@ class MTNeuron(Stateful):
         if not torch.isfinite(theta).all() or (theta < 0).any():
             raise ThresholdError(f"thresholds must be finite and >= 0, got {theta.tolist()}")
         self.levels = levels
+        self.mean_input = False  # the input is the running mean of the inputs (see mt_step_mean)
         self.record = False  # count spikes per level (for firing rates and energy)
         self.register_buffer("theta", theta)
         # Spikes per (sign, level) since the counters were last cleared; sign 0 is positive.
@@ -118,11 +153,18 @@ class MTNeuron(Stateful):
         k = torch.exp2(torch.arange(self.levels, dtype=torch.float32, device=self.theta.device))
         return torch.cat([self.theta[0] * k, -self.theta[1] * k])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """One time step. ``dtype``: that of the spikes when ``mean_input`` is set (else that of ``x``)."""
         if self.v is None:
             self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
+        self.t += 1
         v, xf = flat(self.v, x)
-        out = mt_step(v, xf, *self._theta_signed, *self._inv_signed, self._top, numel=x.numel()).view(x.shape)
+        if self.mean_input:
+            out = mt_step_mean(v, xf, self.t, *self._theta_signed, *self._inv_signed, self._top, dtype or x.dtype,
+                               numel=x.numel())
+        else:
+            out = mt_step(v, xf, *self._theta_signed, *self._inv_signed, self._top, numel=x.numel())
+        out = out.view(x.shape)
         if self.record:
             self._count(out)
         return out

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .conversion import SpikingModel
-from .layers import SpikingLinear
+from .layers import SpikingLinear, fire
 from .neurons import MTNeuron
 
 
@@ -69,10 +69,11 @@ class BinarySpikingLinear(nn.Module):
         self.bias = form.bias
         self.scale = form.scale
         self.neuron = MTNeuron(1.0 if layer.neuron.theta_pos > 0 else 0.0, form.eta, self.n)  # Eq. 29
+        self.neuron.mean_input = layer.neuron.mean_input  # linked to its producer (a linear map of x)
         self.register_buffer("unit", self.neuron.thresholds())
 
     def forward(self, x: Tensor) -> Tensor:
-        value = self.neuron(x / self.scale)  # one of {0, 2^k, −η·2^k}
+        value = fire(self.neuron, x / self.scale, self.weights.dtype)  # one of {0, 2^k, −η·2^k}
         spikes = (value[..., None] == self.unit) & (value[..., None] != 0)  # (..., in, 2n) binary
         out = torch.einsum("...ip,poi->...o", spikes.to(self.weights.dtype), self.weights)  # Eq. 28
         out = out * self.scale

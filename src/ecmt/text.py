@@ -444,7 +444,7 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
         calib_texts: Sentences to calibrate on; default: the packaged calibration set.
         levels: n, the number of thresholds on each side of the MT neurons.
         percentile: Calibration percentile p (ignored when ``tune`` is given).
-        tune: Search the percentile per site type for the best output at this step
+        tune: Search thresholds per site for the best output at this step
             (:func:`ecmt.tune`) instead of using one percentile.
         batch_size: Sentences per batch.
         overrides: Per-site threshold overrides (with ``percentile`` only).

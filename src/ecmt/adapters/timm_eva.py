@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import ConversionError
 from ..layers import SpikingAttention
 from ..registry import register_container, register_replacement
-from .timm_vit import check_vit
+from .timm_vit import check_vit, pre_norm_block
 
 
 def fused_qkv(m: EvaAttention) -> nn.Linear:
@@ -51,4 +51,5 @@ def check_eva(m: nn.Module):
 
 
 register_container(Eva, check=check_eva)
-register_container(EvaBlock, EvaBlockPostNorm)
+register_replacement(EvaBlock)(pre_norm_block)
+register_container(EvaBlockPostNorm)
