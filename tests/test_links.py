@@ -10,7 +10,8 @@ import ecmt
 from ecmt import ExpectationCompensation, MatMulEC, MTNeuron
 from ecmt.calibration import SiteObserver
 from ecmt.conversion import build_spiking
-from ecmt.layers import MaskedSoftmax, link, unlink
+from ecmt.energy import measure
+from ecmt.layers import MaskedSoftmax, SpikingLinear, link, unlink
 from tiny_models import CONFIGS, make
 
 
@@ -71,6 +72,23 @@ def test_ec_mean_output_and_mean_input():
     assert producer.prev is None and consumer.s is None  # no Eq. 15 terms kept for the link
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_mean_output_is_the_running_mean_of_its_outputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(6, 4).to(dtype)
+    neuron, ref_neuron = MTNeuron(0.3, 0.3, 4), MTNeuron(0.3, 0.3, 4)
+    layer, ref = SpikingLinear(neuron, lin), SpikingLinear(ref_neuron, lin)
+    assert link(layer, MTNeuron(1.0, 1.0, 2)) and layer.mean_output
+    xs = torch.randn(5, 2, 3, 6, generator=g).to(dtype)
+    total = torch.zeros(2, 3, 4)
+    for t in range(1, 6):
+        mean = layer(xs[t - 1])
+        total += ref(xs[t - 1]).float()
+        assert mean.shape == (2, 3, 4) and mean.dtype == torch.float32
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(mean, total / t, rtol=tol, atol=tol)
+
+
 def test_link_refuses_modules_without_the_protocol():
     ec, obs = ExpectationCompensation(nn.GELU()), SiteObserver()
     assert not link(ec, obs)
@@ -86,9 +104,10 @@ def test_conversion_links_attention_and_mlp_but_calibration_does_not():
     consumers = {name for name, m in snn.net.named_modules() if getattr(m, "mean_input", False)}
     producers = {name for name, m in snn.net.named_modules() if getattr(m, "mean_output", False)}
     assert consumers == {f"blocks.{i}.{s}" for i in range(2) for s in (
-        "attn.qkv.neuron", "attn.softmax", "attn.attn_neuron", "attn.proj.neuron", "mlp.fc1.neuron", "mlp.fc2.neuron")}
+        "attn.qkv.neuron", "attn.softmax", "attn.attn_neuron", "attn.proj.neuron", "mlp.fc1.neuron", "mlp.act",
+        "mlp.fc2.neuron")}
     assert producers == {f"blocks.{i}.{s}" for i in range(2) for s in (
-        "norm1", "attn.qk", "attn.softmax", "attn.av", "norm2", "mlp.act")}
+        "norm1", "attn.qk", "attn.softmax", "attn.av", "norm2", "mlp.fc1", "mlp.act")}
     assert not snn.net.norm.mean_output  # the final norm feeds pooling and the head: left per step
     observed = build_spiking(model, lambda name: SiteObserver())
     assert not any(getattr(m, "mean_input", False) or getattr(m, "mean_output", False) for m in observed.modules())
@@ -108,3 +127,15 @@ def test_linked_network_matches_unlinked(name):
     ref = model(x).detach()
     err_a, err_b = ((a[-1] - ref).norm() / ref.norm()).item(), ((b[-1] - ref).norm() / ref.norm()).item()
     assert err_a < 0.15 and abs(err_a - err_b) < 0.2 * err_b
+
+
+def test_operation_counts_do_not_depend_on_the_links():
+    """The energy accounting counts Eq. 15-18, whatever the modules exchange (same spikes at T = 1)."""
+    model, shape = make("avg_pool")
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2))
+    snn = ecmt.convert(model, ecmt.calibrate(model, [x]), levels=8)
+    plain = copy.deepcopy(snn)
+    unlink(plain.net)
+    a, b = measure(snn, x, 1), measure(plain, x, 1)
+    assert a.terms == b.terms and a.ann_macs == b.ann_macs
+    assert all(a.terms[f"blocks.{i}.mlp.fc1"]["ac_fanout"][0] > 0 for i in range(2))

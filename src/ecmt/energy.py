@@ -139,18 +139,22 @@ def _counted_modules(net: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
 def _attach(net: nn.Module, hook: Hook) -> list[torch.utils.hooks.RemovableHandle]:
     """Attach ``hook(name, kind, module, args, output)`` to every counted computation.
 
-    ``module`` is the module that computes: the inner ``nn.Linear`` of a SpikingLinear (its
-    input is the spike tensor), the MatMulEC or EC module, or each convolution, Linear and
-    nonlinear leaf inside an analog input module.
+    ``module`` is the module that computes: the inner ``nn.Linear`` of a SpikingLinear (with
+    ``args = (spikes,)``, read from its site's output, as a linked SpikingLinear does not call
+    it), the MatMulEC or EC module, or each convolution, Linear and nonlinear leaf inside an
+    analog input module.
     """
     handles = []
 
     def add(name: str, kind: str, m: nn.Module) -> None:
         handles.append(m.register_forward_hook(lambda mod, args, out: hook(name, kind, mod, args, out)))
 
+    def add_linear(name: str, m: SpikingLinear) -> None:
+        handles.append(m.neuron.register_forward_hook(lambda mod, args, out: hook(name, "linear", m.linear, (out,), None)))
+
     for name, kind, m in _counted_modules(net):
         if kind == "linear":
-            add(name, kind, m.linear)
+            add_linear(name, m)
         elif kind == "analog":
             for sub in m.modules():
                 if isinstance(sub, (nn.Linear, _ConvNd)) or registry.is_nonlinear(sub):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .compensation import ExpectationCompensation, MatMulEC
 from .neurons import MTNeuron
+from .state import Stateful
 
 SiteFactory = Callable[[str], nn.Module]
 """Makes the module placed at a spiking site, given the site's full dotted name."""
@@ -22,8 +23,9 @@ SiteFactory = Callable[[str], nn.Module]
 def link(*chain: nn.Module) -> bool:
     """Link a chain of modules through running means (see :mod:`ecmt.compensation`).
 
-    ``chain[0]`` is the producer (an EC module or a MatMulEC), ``chain[-1]`` the consumer (an
-    EC module or an MT neuron), and the modules in between are EC modules or ``nn.Identity``.
+    ``chain[0]`` is the producer (an EC module, a MatMulEC or a SpikingLinear), ``chain[-1]`` the
+    consumer (an EC module or an MT neuron), and the modules in between are EC modules or
+    ``nn.Identity``.
     The caller guarantees that each module's output reaches only the next one, through linear
     maps at most (reshapes, transposes, token pooling), which commute with averaging over time.
     Nothing is linked unless every module supports it (e.g. calibration observers do not).
@@ -35,7 +37,8 @@ def link(*chain: nn.Module) -> bool:
     if len(mods) < 2:
         return False
     head, *mid, tail = mods
-    if not (isinstance(head, (ExpectationCompensation, MatMulEC)) and isinstance(tail, (ExpectationCompensation, MTNeuron))
+    if not (isinstance(head, (ExpectationCompensation, MatMulEC, SpikingLinear))
+            and isinstance(tail, (ExpectationCompensation, MTNeuron))
             and all(isinstance(m, ExpectationCompensation) for m in mid)):
         return False
     head.mean_output = True
@@ -62,18 +65,25 @@ def fire(neuron: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
     return neuron(x, dtype) if getattr(neuron, "mean_input", False) else neuron(x)
 
 
-class SpikingLinear(nn.Module):
+class SpikingLinear(Stateful):
     """A Linear layer fed by a spiking site (Alg. 1, line 9: an MT neuron before each Linear).
+
+    With ``mean_output`` set (by :func:`link`), it returns the running mean of its outputs,
+    ``b + W·(Σ_t s(t))/T`` (the Linear is affine), for a consumer that would otherwise
+    accumulate them; ``Σ_t W·s(t)`` is accumulated by the matrix product itself, in float32.
 
     Args:
         neuron: The site module (MT neuron or calibration observer).
         linear: The ANN's Linear layer; its weights are shared, not copied.
     """
 
+    _state = {"t": 0, "acc": None}
+
     def __init__(self, neuron: nn.Module, linear: nn.Linear) -> None:
         super().__init__()
         self.neuron = neuron
         self.linear = linear
+        self.mean_output = False  # return the running mean of the outputs (for a linked consumer)
 
     @property
     def weight(self) -> Tensor:
@@ -84,13 +94,27 @@ class SpikingLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(fire(self.neuron, x, self.linear.weight.dtype))
+        spikes = fire(self.neuron, x, self.linear.weight.dtype)
+        if not self.mean_output:
+            return self.linear(spikes)
+        self.t += 1
+        w, b = self.linear.weight, self.linear.bias
+        s = spikes.reshape(-1, spikes.shape[-1])  # (rows, in)
+        if self.acc is None:
+            self.acc = torch.zeros(s.shape[0], w.shape[0], dtype=torch.float32, device=s.device)  # (rows, out)
+        if w.dtype == torch.float32:
+            self.acc.addmm_(s, w.t())  # Σ_t W·s(t), summed into the GEMM's output
+        else:
+            self.acc.add_(F.linear(s, w))
+        mean = self.acc / self.t if b is None else torch.add(b.float(), self.acc, alpha=1.0 / self.t)
+        return mean.view(*spikes.shape[:-1], w.shape[0])
 
 
 class SpikingMlp(nn.Module):
     """A transformer MLP in ECMT form: ``fc1`` → EC(act) → optional EC(norm) → ``fc2``.
 
-    The activation's running mean is handed to ``fc2``'s MT neuron directly (:func:`link`).
+    Running means are handed from ``fc1`` through the activation to ``fc2``'s MT neuron
+    (:func:`link`): nothing between them accumulates or compensates per step.
     Dropout layers are left out: a converted network is only ever evaluated.
 
     Args:
@@ -103,8 +127,8 @@ class SpikingMlp(nn.Module):
         super().__init__()
         self.fc1, self.act, self.fc2 = fc1, act, fc2
         self.norm = norm if norm is not None else nn.Identity()
-        if isinstance(fc2, SpikingLinear):
-            link(self.act, self.norm, fc2.neuron)
+        if isinstance(fc1, SpikingLinear) and isinstance(fc2, SpikingLinear):
+            link(self.fc1, self.act, self.norm, fc2.neuron)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.norm(self.act(self.fc1(x))))

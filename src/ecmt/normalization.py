@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .conversion import SpikingModel
 from .layers import SpikingLinear, fire
 from .neurons import MTNeuron
+from .state import Stateful
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,18 @@ def export_linear(layer: SpikingLinear) -> NormalizedLinear:
                             neuron.theta_neg / theta1, theta1)
 
 
-class BinarySpikingLinear(nn.Module):
+class BinarySpikingLinear(Stateful):
     """A Linear driven only by binary spikes on 2n channels (Eq. 28).
 
     The normalized MT neuron (thresholds ``(1, η)``) decides which channel fires; the layer
     sums the weight copies of the channels that fired.
     """
 
+    _state = {"t": 0, "acc": None}
+
     def __init__(self, layer: SpikingLinear) -> None:
         super().__init__()
+        self.mean_output = layer.mean_output
         form = export_linear(layer)
         self.n = layer.neuron.levels
         self.register_buffer("weights", form.weights)
@@ -77,6 +81,10 @@ class BinarySpikingLinear(nn.Module):
         spikes = (value[..., None] == self.unit) & (value[..., None] != 0)  # (..., in, 2n) binary
         out = torch.einsum("...ip,poi->...o", spikes.to(self.weights.dtype), self.weights)  # Eq. 28
         out = out * self.scale
+        if self.mean_output:  # linked to its consumer: the running mean of the outputs, as SpikingLinear
+            self.t += 1
+            self.acc = out.float() if self.acc is None else self.acc.add_(out)
+            out = self.acc / self.t
         return out if self.bias is None else out + self.bias
 
 
