@@ -87,11 +87,10 @@ class MTNeuron(Stateful):
     A side whose base threshold is 0 (or below ``MIN_THETA``) is disabled: it never fires. This
     is what calibration gives a site whose activations never reach that sign.
 
-    State: ``t``, the steps since the last reset, and ``v`` (float32). Normally ``v`` is the
-    membrane potential after the step, ``Σ I − Σ s``. With ``mean_input`` set (the neuron is
-    fed the running mean ``x̄`` of its inputs by a linked producer, see
-    :mod:`ecmt.compensation`), ``v`` holds ``−Σ s`` and the membrane after step T is
-    ``T·x̄(T) + v``.
+    State: ``v`` (float32), normally the membrane potential after the step, ``Σ I − Σ s``. With
+    ``mean_input`` set (the neuron is fed the running mean ``x̄`` of its inputs by a linked
+    producer, see :mod:`ecmt.compensation`), ``v`` holds ``−Σ s``, the membrane after step T is
+    ``T·x̄(T) + v``, and ``t`` counts the steps since the last reset.
 
     Args:
         theta_pos: Positive base threshold θ1 (>= 0).
@@ -157,9 +156,9 @@ class MTNeuron(Stateful):
         """One time step. ``dtype``: that of the spikes when ``mean_input`` is set (else that of ``x``)."""
         if self.v is None:
             self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
-        self.t += 1
         v, xf = flat(self.v, x)
         if self.mean_input:
+            self.t += 1
             out = mt_step_mean(v, xf, self.t, *self._theta_signed, *self._inv_signed, self._top, dtype or x.dtype,
                                numel=x.numel())
         else:
