@@ -15,6 +15,7 @@ With every site exact the SNN is the ANN (cosine 1, checked as ``all_exact``).
 
     python benchmarks/text_error_analysis.py --percentile 90 --T 4 --threads 1
     python benchmarks/text_error_analysis.py --tune 4 --T 4 --threads 1 --name text_error_analysis_tuned
+    (``--rule`` chooses the MT spike rule: default ``nearest`` with ``--tune``, else ``eq25``)
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def partial_snn(model: nn.Module, thresholds: Thresholds, levels: int,
                 exact: Callable[[str], bool]) -> ecmt.SpikingModel:
     """The SNN with the sites for which ``exact(name)`` holds replaced by pass-throughs."""
     net = ecmt.build_spiking(model, lambda name: nn.Identity() if exact(name)
-                             else ecmt.MTNeuron(*thresholds[name], levels=levels))
+                             else ecmt.MTNeuron(*thresholds[name], levels=levels, rule=thresholds.rule))
     return ecmt.SpikingModel(net, levels, thresholds, registry.family_of(model).output)
 
 
@@ -67,6 +68,8 @@ def main() -> None:
     setting = p.add_mutually_exclusive_group()
     setting.add_argument("--percentile", type=float, default=None, help="calibration percentile (default: 99)")
     setting.add_argument("--tune", type=int, default=None, metavar="T", help="tune the thresholds for step T")
+    p.add_argument("--rule", choices=ecmt.neurons.RULES, default=None,
+                   help="MT spike rule (default: nearest with --tune, else eq25)")
     p.add_argument("--alone", action="store_true", help="also simulate each site type spiking alone")
     p.add_argument("--batch-size", type=int, default=128, help="as ecmt's default, for the same calibration")
     p.add_argument("--threads", type=int, default=1)
@@ -76,7 +79,8 @@ def main() -> None:
     start = time.perf_counter()
 
     tm = load_text_model(args.model)
-    snn = convert_text(tm, None, args.levels, args.percentile or 99.0, tune=args.tune, batch_size=args.batch_size)
+    snn = convert_text(tm, None, args.levels, args.percentile or 99.0, tune=args.tune, batch_size=args.batch_size,
+                       rule=args.rule)
     th, levels, T = snn.thresholds, snn.levels, args.T
     texts = sorted(packaged_texts("heldout"), key=len)
     ann = tm.encode(texts, args.batch_size)
@@ -106,7 +110,7 @@ def main() -> None:
         exact_layer[layer] = {"cosine": cos, "error_removed": share(cos)}
         print(f"{layer}: exact -> {cos} ({share(cos):+.1%})", flush=True)
     record = {
-        "model": args.model, "T": T, "levels": levels, "percentile": th.percentile,
+        "model": args.model, "T": T, "levels": levels, "percentile": th.percentile, "rule": th.rule,
         "tuned": dict(th.meta) or None, "n_texts": len(texts), "cosine": base,
         "all_exact": run(lambda n: True),
         "exact_one_type": dict(sorted(exact_type.items(), key=lambda kv: -kv[1]["error_removed"])),

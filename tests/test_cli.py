@@ -118,27 +118,32 @@ def test_limit_and_seed_are_deterministic(checkpoint, folder, tmp_path):
 def test_saved_snn_reloads_bit_identical(checkpoint, tmp_path):
     bundle = load_model("ecmt_test_vit", checkpoint)
     x = torch.randn(6, 3, 16, 16)
-    snn = ecmt.convert(bundle.model, ecmt.calibrate(bundle.model, [x], percentile=99.5), levels=5)
+    snn = ecmt.convert(bundle.model, ecmt.calibrate(bundle.model, [x], percentile=99.5), levels=5, rule="nearest")
     snn.spec = bundle.spec
     saved = serialization.read(serialization.save(snn, tmp_path / "s.safetensors", ann=bundle.model))
     assert saved.snn.levels == 5 and saved.snn.thresholds.percentile == 99.5 and saved.snn.spec == bundle.spec
+    assert saved.info["rule"] == "nearest" and {n.rule for _, n in saved.snn.neurons()} == {"nearest"}
     assert saved.info["ecmt_version"] == ecmt.__version__ and saved.info["levels"] == 5
     assert torch.equal(ecmt.simulate(snn, x, 6), ecmt.simulate(saved.snn, x, 6))
     assert saved.ann is not None and torch.equal(saved.ann(x), bundle.model(x))
     assert serialization.read(serialization.save(snn, tmp_path / "no_ann.safetensors")).ann is None
 
 
-def test_cli_convert_then_evaluate_snn_file(checkpoint, folder, tmp_path):
+def test_cli_convert_then_evaluate_snn_file(checkpoint, folder, tmp_path, capsys):
     f, direct, loaded = tmp_path / "snn.safetensors", tmp_path / "a.json", tmp_path / "b.json"
-    common = ["--levels", "6", "--percentile", "99.9"]
+    common = ["--levels", "6", "--percentile", "99.9", "--rule", "nearest"]
     assert cli.main(["convert", "--model", "ecmt_test_vit", "--checkpoint", str(checkpoint), "--dataset",
                      str(folder), "--batch-size", "8", "--calib-batches", "2", *common, "-o", str(f)]) == 0
     assert cli.main(_evaluate_args(checkpoint, folder, *common, "--json", str(direct))) == 0
     assert cli.main(["evaluate", "--snn", str(f), "--dataset", str(folder), "--T", "4", "--batch-size", "8",
                      "--json", str(loaded)]) == 0
     a, b = json.loads(direct.read_text()), json.loads(loaded.read_text())
-    assert (b["levels"], b["percentile"], b["snn_file"]) == (6, 99.9, str(f))
+    assert (b["levels"], b["percentile"], b["rule"], b["snn_file"]) == (6, 99.9, "nearest", str(f))
     assert a["snn_top1"] == b["snn_top1"] and a["ann_top1"] == b["ann_top1"]
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--snn", str(f), "--dataset", str(folder), "--rule", "eq25"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rule are fixed by the --snn file" in err[0]
 
 
 def test_incompatible_version_is_refused(checkpoint, folder, tmp_path, capsys):
@@ -260,6 +265,7 @@ def test_tune_replaces_the_percentile_and_is_recorded(checkpoint, folder, tmp_pa
     r = json.loads(js.read_text())
     tuned = r["calibration"]["tuned"]
     assert r["percentile"] is None and tuned["tuned_T"] == 2 and tuned["simulations"] <= 20
+    assert r["rule"] == tuned["rule"] == "nearest"  # the default rule of --tune
     assert set(tuned["percentile_by_site_type"]) >= {"blocks.*.attn.qkv.neuron", "head.neuron"}
     assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--percentile", "99")) == 2
     assert "--tune" in capsys.readouterr().err

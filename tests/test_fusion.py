@@ -36,12 +36,14 @@ def run(module, inputs, mode):
         return [module(*x) for x in inputs]
 
 
-def test_mt_neuron_fused_is_bit_identical(fused):
+@pytest.mark.parametrize("rule", ["eq25", "nearest"])
+def test_mt_neuron_fused_is_bit_identical(fused, rule):
     g = torch.Generator().manual_seed(0)
-    neuron = MTNeuron(0.37, 0.11, levels=4)
+    neuron = MTNeuron(0.37, 0.11, levels=4, rule=rule)
     xs = [(torch.randn(3, 50, 16, generator=g) * 2,) for _ in range(4)]
     # exact level boundaries and their neighbours, on both sides
-    edges = torch.tensor([0.37 * (2 ** k - 0.5) for k in range(5)] + [-0.11 * (2 ** k - 0.5) for k in range(5)])
+    edge = [2 ** k - 0.5 for k in range(5)] if rule == "eq25" else [0.5] + [0.75 * 2 ** k for k in range(1, 5)]
+    edges = torch.tensor([0.37 * e for e in edge] + [-0.11 * e for e in edge])
     xs.append((torch.cat([edges, torch.nextafter(edges, edges * 2), torch.nextafter(edges, edges * 0)]),))
     eager, fused_out = run(neuron, xs[:4], "0"), run(neuron, xs[:4], "1")
     v_fused = neuron.v.clone()
@@ -60,9 +62,10 @@ def test_mt_neuron_fused_half_precision_subtracts_the_rounded_spike(fused, dtype
     assert all(torch.equal(a, b) for a, b in zip(eager, fused_out))
 
 
-def test_mean_input_neuron_fused_is_bit_identical(fused):
+@pytest.mark.parametrize("rule", ["eq25", "nearest"])
+def test_mean_input_neuron_fused_is_bit_identical(fused, rule):
     g = torch.Generator().manual_seed(4)
-    neuron = MTNeuron(0.37, 0.11, levels=6)
+    neuron = MTNeuron(0.37, 0.11, levels=6, rule=rule)
     neuron.mean_input = True
     means = [(torch.randn(4, 40, 16, generator=g), torch.bfloat16) for _ in range(5)]
     eager, fused_out = run(neuron, means, "0"), run(neuron, means, "1")

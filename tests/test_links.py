@@ -17,12 +17,12 @@ from tiny_models import CONFIGS, make
 
 @settings(max_examples=40, deadline=None)
 @given(th1=st.floats(0.05, 5.0), th2=st.floats(0.05, 5.0), n=st.integers(1, 8), T=st.integers(1, 24),
-       seed=st.integers(0, 10_000))
-def test_mean_input_neuron_fires_like_the_step_neuron(th1, th2, n, T, seed):
+       seed=st.integers(0, 10_000), rule=st.sampled_from(["eq25", "nearest"]))
+def test_mean_input_neuron_fires_like_the_step_neuron(th1, th2, n, T, seed, rule):
     """Fed the running mean of its inputs, an MT neuron emits the spikes it emits when fed the inputs."""
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(T, 256, generator=g) * 2 * max(th1, th2)
-    step, mean = MTNeuron(th1, th2, n), MTNeuron(th1, th2, n)
+    step, mean = MTNeuron(th1, th2, n, rule), MTNeuron(th1, th2, n, rule)
     mean.mean_input = True
     s, total, flips = torch.zeros(256), torch.zeros(256), 0
     for t in range(1, T + 1):

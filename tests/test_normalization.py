@@ -1,4 +1,5 @@
 """Parallel parameter normalization (Eq. 27-29): binary spikes reproduce the fused SNN."""
+import pytest
 import torch
 
 import ecmt
@@ -21,9 +22,10 @@ def test_weight_copies_follow_eq27():
     assert abs(form.eta - th2 / th1) < 1e-12 and form.scale == th1
 
 
-def test_binary_spike_simulation_reproduces_fused_simulation():
+@pytest.mark.parametrize("rule", ["eq25", "nearest"])
+def test_binary_spike_simulation_reproduces_fused_simulation(rule):
     model, shape = make("qk_norm")
-    snn = ecmt.convert(model, ecmt.calibrate(model, [torch.randn(8, *shape)]), levels=8)
+    snn = ecmt.convert(model, ecmt.calibrate(model, [torch.randn(8, *shape)]), levels=8, rule=rule)
     binary = to_binary(snn)
     n_binary = sum(isinstance(m, BinarySpikingLinear) for m in binary.net.modules())
     assert n_binary == sum(isinstance(m, SpikingLinear) for m in snn.net.modules()) > 0

@@ -14,7 +14,7 @@ from .compensation import ExpectationCompensation, MatMulEC
 from .conversion import SpikingModel, build_spiking, convert, site_names
 from .errors import (CalibrationError, CheckpointError, ConversionError, DatasetError, IncompatibleFileError,
                      InvalidInputError, ResumeError, ThresholdError, UnsupportedModelError)
-from .neurons import MTNeuron
+from .neurons import MTNeuron, SpikeRule
 from .simulation import simulate, simulate_steps
 from .state import reset_net
 from .thresholds import Thresholds
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationStats", "CalibrationError", "CheckpointError", "ConversionError", "DatasetError",
     "ExpectationCompensation", "IncompatibleFileError", "InvalidInputError", "MTNeuron", "MatMulEC", "ResumeError",
-    "SpikingModel", "ThresholdError", "Thresholds", "UnsupportedModelError", "build_spiking", "calibrate",
+    "SpikeRule", "SpikingModel", "ThresholdError", "Thresholds", "UnsupportedModelError", "build_spiking", "calibrate",
     "collect_statistics", "convert", "reset_net", "simulate", "simulate_steps", "site_names", "tune",
 ]

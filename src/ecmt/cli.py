@@ -47,6 +47,7 @@ from .energy import energy_report, ops_report
 from .errors import ConversionError
 from .evaluation import Tally, evaluate, images_only, loader, seed_everything, subset
 from .models import ModelBundle, load_model
+from .neurons import RULES, SpikeRule
 from .progress import PROGRESS_FILE, SNN_FILE, Progress, check_progress, evaluate_dataset, load_progress
 from .tuning import tune
 from .results import format_table, per_step_rows, steps_within, sweep_rows, table_steps, write_csv, write_json
@@ -146,6 +147,21 @@ def _conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", type=_positive_int, default=None, metavar="T",
                    help="search thresholds per site for the best output at step T, on the "
                         "calibration data only (ecmt.tune), instead of one percentile")
+    _rule_option(p)
+
+
+def _rule_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rule", choices=RULES, default=None,
+                   help="how MT neurons choose their spike: eq25 (the paper: the largest threshold reached) "
+                        "or nearest (the threshold nearest to the membrane; converges faster at low T) "
+                        "(default: eq25, or nearest with --tune)")
+
+
+def _rule(args: argparse.Namespace) -> SpikeRule:
+    """The spike rule asked for: ``--rule``, else ``nearest`` when tuning and ``eq25`` otherwise."""
+    if args.rule:
+        return SpikeRule(args.rule)
+    return SpikeRule.nearest if getattr(args, "tune", None) else SpikeRule.eq25
 
 
 def _evaluation_options(p: argparse.ArgumentParser, *, T: int, out: Optional[str], limit: Optional[int],
@@ -239,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of levels n (default: 4 6 8)")
     p.add_argument("--percentiles", type=_percentile, nargs="+", default=[99.0, 99.9, 99.99], metavar="P",
                    help="calibration percentiles (default: 99 99.9 99.99)")
+    _rule_option(p)
     _evaluation_options(p, T=16, out=None, limit=1000, energy=False)
     p.set_defaults(func=run_sweep)
 
@@ -303,7 +320,7 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
     levels = args.levels or 8
     if not args.tune:
         stats, info = _calibrate(setup, args, ctx)
-        return _convert(setup, stats, levels, args.percentile or 99.0), info
+        return _convert(setup, stats, levels, args.percentile or 99.0, _rule(args)), info
     if args.percentile is not None:
         raise UsageError("--tune chooses the percentiles itself; drop --percentile")
     if ctx.world_size > 1:
@@ -312,7 +329,7 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
     start = time.perf_counter()
     images = _calibration_images(setup, args)
     th = tune(setup.bundle.model.to(setup.device), images_only(loader(images, args.batch_size, args.workers)),
-              T=args.tune, levels=levels, progress=_progress())
+              T=args.tune, levels=levels, progress=_progress(), rule=_rule(args))
     snn = convert(setup.bundle.model, th, levels=levels)
     snn.spec = setup.bundle.spec
     info = {"source": setup.data.calibration_source, "images": len(images), "batches": args.calib_batches,
@@ -320,8 +337,8 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
     return snn, info
 
 
-def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: float) -> SpikingModel:
-    snn = convert(setup.bundle.model, stats.thresholds(percentile), levels=levels)
+def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: float, rule: str) -> SpikingModel:
+    snn = convert(setup.bundle.model, stats.thresholds(percentile), levels=levels, rule=rule)
     snn.spec = setup.bundle.spec
     return snn
 
@@ -359,8 +376,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     resumed = _interrupted_run(args, out)
     calibration: Optional[dict[str, Any]] = None
     if args.snn is not None or resumed is not None:
-        if args.snn is not None and (args.levels is not None or args.percentile is not None):
-            raise UsageError("--levels and --percentile are fixed by the --snn file; convert again to change them")
+        if args.snn is not None and (args.levels is not None or args.percentile is not None or args.rule):
+            raise UsageError("--levels, --percentile and --rule are fixed by the --snn file; "
+                             "convert again to change them")
         from .serialization import read
 
         saved = read(args.snn or out / SNN_FILE)  # type: ignore[operator]
@@ -381,7 +399,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if resumed is not None:
         check_progress(resumed, fingerprint, out / PROGRESS_FILE)  # type: ignore[operator]
     _log(f"ecmt: evaluating {setup.bundle.name} on {setup.data.name} "
-         f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile}"
+         f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}"
          f"{'' if ctx.world_size == 1 else f', {ctx.world_size} processes'})")
     if resumed is not None:
         _log(f"ecmt: resuming after {resumed.done} of {resumed.batches} batches")
@@ -428,8 +446,8 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--tune chooses the percentiles itself; drop --percentile")
     snn = None
     if args.snn is not None:
-        if args.levels is not None or args.percentile is not None or args.tune:
-            raise UsageError("--levels, --percentile and --tune are fixed by the --snn file; "
+        if args.levels is not None or args.percentile is not None or args.tune or args.rule:
+            raise UsageError("--levels, --percentile, --tune and --rule are fixed by the --snn file; "
                              "convert again to change them")
         if calib_texts is not None:
             raise UsageError("--calib-texts: an SNN file is already calibrated")
@@ -444,7 +462,8 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
          f"(T = {args.T})")
     record = evaluate_text(model, texts, calib_texts, T=args.T, levels=args.levels or 8,
                            percentile=args.percentile or 99.0, batch_size=args.batch_size, device=args.device,
-                           tune=args.tune, snn=snn, energy_texts=args.energy_texts)
+                           tune=args.tune, snn=snn, energy_texts=args.energy_texts,
+                           rule=None if snn is not None else _rule(args))
     energy = record.pop("energy", None)
     record.update(snn_file=args.snn, seconds=round(time.perf_counter() - start, 1))
     written = [write_json(record, args.json)] if args.json else []
@@ -466,7 +485,7 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
         print(f"{t:>4} {record['cosine'][k]:>9.5f} {record['cosine_min'][k]:>9.5f} {record['rank_agreement'][k]:>9.5f}"
               + (f" {ratio[k]:>8.3f}" if ratio else ""))
     setting = f"tuned for T = {record['tuned']['tuned_T']}" if record.get("tuned") else f"p = {record['percentile']}"
-    print(f"{record['n_texts']} sentences; n = {record['levels']}, {setting}"
+    print(f"{record['n_texts']} sentences; n = {record['levels']}, {setting}, rule {record['rule']}"
           + (f"; energy ratio (Eq. 30) on {record['energy_texts']} of them, each alone" if ratio else ""))
     return 0
 
@@ -481,11 +500,11 @@ def run_text_convert(args: argparse.Namespace) -> int:
     tm = load_text_model(args.model, args.device)
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
     snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, rule=_rule(args))
     path = save(snn, args.output, ann=tm.model)
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     print(f"wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
-          f"calibrated on {args.calib_texts or 'the packaged calibration sentences'}")
+          f"rule {snn.thresholds.rule}, calibrated on {args.calib_texts or 'the packaged calibration sentences'}")
     return 0
 
 
@@ -535,7 +554,7 @@ def _fingerprint(args: argparse.Namespace, setup: Setup, snn: SpikingModel, imag
     stop_rule = _stop_rule(args)
     return {"model": args.model, "snn_file": args.snn, "checkpoint": args.checkpoint, "dataset": setup.data.name,
             "images": images, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "T": args.T,
-            "levels": args.levels, "percentile": args.percentile, "tune": args.tune,
+            "levels": args.levels, "percentile": args.percentile, "tune": args.tune, "rule": args.rule,
             "calib_batches": args.calib_batches, "energy_batches": args.energy_batches,
             "adaptive": None if stop_rule is None else asdict(stop_rule), "device": setup.device.type,
             "thresholds": hashlib.sha256(snn.thresholds.to_json().encode()).hexdigest()[:16],
@@ -569,6 +588,7 @@ def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Ta
         "T": args.T,
         "levels": snn.levels,
         "percentile": snn.thresholds.percentile,
+        "rule": snn.thresholds.rule.value,
         "n_images": tally.n,
         "steps_within_1pt": steps_within(snn_top1, tally.ann_top1),
         "seed": args.seed,
@@ -617,7 +637,7 @@ def run_convert(args: argparse.Namespace) -> int:
     snn, calibration = _calibrated_snn(setup, args)
     path = save(snn, args.output, ann=bundle.model)
     print(f"wrote {path}: {bundle.name}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
-          f"p = {snn.thresholds.percentile}, calibrated on {calibration['images']} images "
+          f"p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}, calibrated on {calibration['images']} images "
           f"({calibration['source']})")
     return 0
 
@@ -657,7 +677,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     runs, ann_top1, n_images = [], None, 0
     for levels in args.levels:
         for percentile in args.percentiles:
-            snn = _convert(setup, stats, levels, percentile)
+            snn = _convert(setup, stats, levels, percentile, _rule(args))
             ann = setup.ann if not runs else None  # the ANN is evaluated once
             tally, _ = evaluate(ann, snn, _batches(setup, args), args.T, device=setup.device,
                                 progress=_progress(), desc=f"n={levels} p={percentile:g}")
@@ -670,7 +690,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     for run in runs:
         run["ann_top1"] = ann_top1
         run["steps_within_1pt"] = steps_within(run["snn_top1"], ann_top1)
-    record = {"model": bundle.name, "dataset": setup.data.name, "ann_top1": ann_top1, "T": args.T,
+    record = {"model": bundle.name, "dataset": setup.data.name, "ann_top1": ann_top1, "T": args.T, "rule": _rule(args).value,
               "n_images": n_images, "seed": args.seed, "limit": args.limit, "calibration": calibration,
               "runs": runs, "seconds": round(time.perf_counter() - start, 1), "ecmt_version": __version__}
     from . import plots  # matplotlib is imported only when plotting

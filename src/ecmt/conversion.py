@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,7 @@ from . import registry
 from .compensation import ExpectationCompensation
 from .errors import ConversionError, InvalidInputError, ThresholdError, UnsupportedModelError
 from .layers import SiteFactory, SpikingLinear
-from .neurons import MTNeuron
+from .neurons import MTNeuron, SpikeRule, check_rule
 from .state import Stateful, stateful_modules
 from .thresholds import Thresholds
 
@@ -84,7 +84,7 @@ class SpikingModel(nn.Module):
     Attributes:
         net: The converted module tree.
         levels: n, the number of thresholds on each side of every MT neuron.
-        thresholds: The base thresholds the neurons were built with.
+        thresholds: The base thresholds the neurons were built with (and their spike rule).
         spec: How to rebuild the ANN skeleton when loading from a file (set by the model
             loaders; None for models built by hand).
     """
@@ -126,16 +126,21 @@ def site_names(model: nn.Module) -> list[str]:
     return names
 
 
-def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], levels: int = 8) -> SpikingModel:
+def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], levels: int = 8,
+            rule: Union[str, SpikeRule, None] = None) -> SpikingModel:
     """Convert ``model`` to an ECMT spiking network (Algorithm 1, step 2).
 
     Args:
         model: A supported ANN (timm ViT/DeiT/EVA-01, HF BERT, ...). It is not modified.
         thresholds: Base thresholds per site, from :func:`ecmt.calibrate` (or hand-made).
         levels: n; each MT neuron gets 2n thresholds.
+        rule: The MT neurons' spike rule (:class:`ecmt.neurons.SpikeRule`: ``"eq25"``, the
+            paper's, or ``"nearest"``); default: the one ``thresholds`` were made for (``eq25``
+            from :func:`ecmt.calibrate`, ``nearest`` from :func:`ecmt.tune`).
 
     Returns:
-        The spiking network; run it with :func:`ecmt.simulate`.
+        The spiking network; run it with :func:`ecmt.simulate`. ``snn.thresholds.rule`` is
+        the rule its neurons use.
 
     Raises:
         UnsupportedModelError: The model has modules that cannot be converted.
@@ -150,13 +155,15 @@ def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], lev
         raise InvalidInputError(f"levels must be a positive integer, got {levels!r}")
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds(dict(thresholds))
+    if rule is not None and rule != thresholds.rule:
+        thresholds = thresholds.with_rule(check_rule(rule))
     missing: list[str] = []
 
     def make_neuron(name: str) -> nn.Module:
         if name not in thresholds:
             missing.append(name)
             return nn.Identity()
-        return MTNeuron(*thresholds[name], levels=levels)
+        return MTNeuron(*thresholds[name], levels=levels, rule=thresholds.rule)
 
     net = build_spiking(model, make_neuron)
     if missing:

@@ -72,7 +72,8 @@ class BinarySpikingLinear(Stateful):
         self.register_buffer("weights", form.weights)
         self.bias = form.bias
         self.scale = form.scale
-        self.neuron = MTNeuron(1.0 if layer.neuron.theta_pos > 0 else 0.0, form.eta, self.n)  # Eq. 29
+        self.neuron = MTNeuron(1.0 if layer.neuron.theta_pos > 0 else 0.0, form.eta, self.n,
+                               layer.neuron.rule)  # Eq. 29
         self.neuron.mean_input = layer.neuron.mean_input  # linked to its producer (a linear map of x)
         self.register_buffer("unit", self.neuron.thresholds())
 

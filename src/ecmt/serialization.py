@@ -6,12 +6,12 @@ does not share (conversion shares the Linear weights but EC modules keep copies 
 LayerNorms), under ``ann/<key>``, so that the ANN can be restored too; and, in its metadata
 under the key ``"ecmt"``, a JSON record::
 
-    {"format": "ecmt-snn", "ecmt_version": "0.1.0", "levels": 8, "percentile": 99.0,
-     "thresholds": {"percentile": 99.0, "meta": {}, "sites": {site: [θ1, θ2]}},
+    {"format": "ecmt-snn", "ecmt_version": "0.1.0", "levels": 8, "percentile": 99.0, "rule": "eq25",
+     "thresholds": {"percentile": 99.0, "rule": "eq25", "meta": {}, "sites": {site: [θ1, θ2]}},
      "spec": {...}, "ann": true}
 
 ``spec`` is the model spec of :mod:`ecmt.models`. Loading rebuilds the architecture from it,
-converts it with the recorded thresholds and levels, and loads the state dict, so the
+converts it with the recorded thresholds, spike rule and levels, and loads the state dict, so the
 loaded SNN simulates bit-identically to the saved one (and the ANN computes what it did). Files written by another major version
 of ecmt are refused.
 
@@ -88,6 +88,7 @@ def save(snn: SpikingModel, path: PathLike, ann: Optional[nn.Module] = None) -> 
         "ecmt_version": __version__,
         "levels": snn.levels,
         "percentile": snn.thresholds.percentile,
+        "rule": snn.thresholds.rule,
         "thresholds": json.loads(snn.thresholds.to_json()),
         "spec": dict(snn.spec),
         "ann": ann is not None,

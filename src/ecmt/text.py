@@ -39,6 +39,7 @@ from .conversion import SpikingModel, convert
 from .energy import Measurement, OpCounter, energy_report, theoretical_ops
 from .errors import DatasetError, InvalidInputError
 from .simulation import simulate, simulate_steps
+from .neurons import SpikeRule
 from .thresholds import Override
 from .tuning import tune as tune_thresholds
 
@@ -436,7 +437,8 @@ def text_ops_report(name_or_path: str, tokens: Optional[int] = None) -> dict[str
 
 def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, levels: int = 8,
                  percentile: Optional[float] = 99.0, *, tune: Optional[int] = None, batch_size: int = 32,
-                 overrides: Optional[Mapping[str, Override]] = None) -> SpikingModel:
+                 overrides: Optional[Mapping[str, Override]] = None,
+                 rule: Union[str, SpikeRule, None] = None) -> SpikingModel:
     """Calibrate (or tune) and convert a sentence encoder; ``snn.spec`` is set for saving.
 
     Args:
@@ -448,6 +450,8 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
             (:func:`ecmt.tune`) instead of using one percentile.
         batch_size: Sentences per batch.
         overrides: Per-site threshold overrides (with ``percentile`` only).
+        rule: The MT neurons' spike rule (:class:`ecmt.neurons.SpikeRule`); default: ``nearest`` when
+            tuning, ``eq25`` (the paper's) otherwise.
 
     Example:
         >>> snn = convert_text(load_text_model("minilm"), tune=4)                     # doctest: +SKIP
@@ -458,10 +462,10 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
     if tune is not None:
         if overrides:
             raise InvalidInputError("threshold overrides cannot be combined with tuning")
-        thresholds = tune_thresholds(tm.model, batches, T=tune, levels=levels)
+        thresholds = tune_thresholds(tm.model, batches, T=tune, levels=levels, rule=rule or SpikeRule.nearest)
     else:
         thresholds = calibrate(tm.model, batches, 99.0 if percentile is None else percentile, overrides)
-    snn = convert(tm.model, thresholds, levels=levels)
+    snn = convert(tm.model, thresholds, levels=levels, rule=rule)
     if tm.source is not None:
         snn.spec = text_spec(tm)
     return snn
@@ -472,7 +476,8 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
                   percentile: float = 99.0, batch_size: int = 32,
                   overrides: Optional[Mapping[str, Override]] = None,
                   device: Union[str, torch.device] = "cpu", *, tune: Optional[int] = None,
-                  snn: Optional[SpikingModel] = None, energy_texts: int = 32) -> dict[str, Any]:
+                  snn: Optional[SpikingModel] = None, energy_texts: int = 32,
+                  rule: Union[str, SpikeRule, None] = None) -> dict[str, Any]:
     """Calibrate, convert and simulate a sentence encoder; compare its embeddings to the ANN's.
 
     Args:
@@ -491,10 +496,11 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
             calibration; ``levels``, ``percentile`` and ``tune`` are ignored.
         energy_texts: Count operations and spikes on this many of the sentences, evenly
             spread over their lengths, each simulated alone (:func:`measure_text`); 0: off.
+        rule: The MT neurons' spike rule (see :func:`convert_text`; ignored with ``snn``).
 
     Returns:
         ``{"model", "cosine": {"1": ..., ..., str(T): ...}, "rank_agreement": {...},
-        "cosine_min": {...}, "T", "levels", "percentile", "n_texts", "tuned"}``: the mean and
+        "cosine_min": {...}, "T", "levels", "percentile", "rule", "n_texts", "tuned"}``: the mean and
         the lowest cosine similarity of SNN to ANN embeddings, and the Spearman correlation
         of their pairwise similarities, after each step. With energy counting also
         ``"energy_ratio"`` and ``"energy_ratio_full"`` (Eq. 30, cumulative, keyed by step),
@@ -516,7 +522,7 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         raise InvalidInputError(f"need at least 2 texts to measure on, got {len(texts)}")
     if snn is None:
         snn = convert_text(tm, calib_texts, levels, percentile, tune=tune, batch_size=batch_size,
-                           overrides=overrides)
+                           overrides=overrides, rule=rule)
     ann_emb = tm.encode(texts, batch_size)
     snn_emb = tm.encode_spiking(snn, texts, T, batch_size)
 
@@ -529,7 +535,8 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         "cosine": by_step(cosine.mean(-1)),
         "rank_agreement": by_step(rank_agreement_by_step(snn_emb, ann_emb)),
         "cosine_min": by_step(cosine.min(-1).values),
-        "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "n_texts": len(texts),
+        "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "rule": snn.thresholds.rule.value,
+        "n_texts": len(texts),
         "tuned": dict(snn.thresholds.meta) or None,
     }
     if energy_texts > 0:

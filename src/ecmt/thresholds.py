@@ -4,10 +4,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping, Optional, Union
 
 from .errors import ThresholdError
+from .neurons import SpikeRule, check_rule
 
 Override = Union[float, tuple[float, float]]
 
@@ -23,13 +24,19 @@ class Thresholds(Mapping[str, tuple[float, float]]):
     Attributes:
         sites: The thresholds.
         percentile: The percentile p they were calibrated at, if any.
+        meta: How they were found (the search's record, for tuned thresholds).
+        rule: The MT neurons' spike rule they are meant for (:class:`ecmt.neurons.SpikeRule`;
+            a name such as ``"nearest"`` is accepted):
+            :func:`ecmt.convert` builds its neurons with it unless told otherwise.
     """
 
     sites: Mapping[str, tuple[float, float]]
     percentile: Optional[float] = None
     meta: Mapping[str, object] = field(default_factory=dict)
+    rule: SpikeRule = SpikeRule.eq25
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rule", check_rule(self.rule, ThresholdError))
         for name, pair in self.sites.items():
             if len(pair) != 2 or not all(math.isfinite(v) and v >= 0 for v in pair):
                 raise ThresholdError(f"site {name}: thresholds must be two finite numbers >= 0, got {pair}")
@@ -62,13 +69,19 @@ class Thresholds(Mapping[str, tuple[float, float]]):
             pair = (float(value), float(value)) if isinstance(value, (int, float)) else tuple(value)
             for n in names:
                 sites[n] = pair
-        return Thresholds(sites, self.percentile, dict(self.meta))
+        return Thresholds(sites, self.percentile, dict(self.meta), self.rule)
+
+    def with_rule(self, rule: Union[str, SpikeRule]) -> "Thresholds":
+        """The same thresholds, for neurons with spike rule ``rule``."""
+        return replace(self, rule=rule)
 
     def to_json(self) -> str:
-        return json.dumps({"percentile": self.percentile, "meta": dict(self.meta),
+        return json.dumps({"percentile": self.percentile, "rule": self.rule.value, "meta": dict(self.meta),
                            "sites": {k: list(v) for k, v in self.sites.items()}})
 
     @classmethod
     def from_json(cls, text: str) -> "Thresholds":
+        """Read :meth:`to_json`'s text; files written before rules existed are ``eq25``."""
         d = json.loads(text)
-        return cls({k: tuple(v) for k, v in d["sites"].items()}, d.get("percentile"), d.get("meta", {}))
+        return cls({k: tuple(v) for k, v in d["sites"].items()}, d.get("percentile"), d.get("meta", {}),
+                   d.get("rule", "eq25"))
