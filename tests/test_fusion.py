@@ -53,10 +53,11 @@ def test_mt_neuron_fused_is_bit_identical(fused, rule):
     assert torch.equal(run(neuron, xs[4:], "0")[0], run(neuron, xs[4:], "1")[0])
 
 
+@pytest.mark.parametrize("rule", ["eq25", "nearest"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mt_neuron_fused_half_precision_subtracts_the_rounded_spike(fused, dtype):
+def test_mt_neuron_fused_half_precision_subtracts_the_rounded_spike(fused, dtype, rule):
     g = torch.Generator().manual_seed(5)
-    neuron = MTNeuron(0.37, 0.11, levels=6)
+    neuron = MTNeuron(0.37, 0.11, levels=6, rule=rule)
     xs = [(torch.randn(4, 40, 16, generator=g).to(dtype),) for _ in range(5)]
     eager, fused_out = run(neuron, xs, "0"), run(neuron, xs, "1")
     assert all(torch.equal(a, b) for a, b in zip(eager, fused_out))
