@@ -337,7 +337,7 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
     return snn, info
 
 
-def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: float, rule: str) -> SpikingModel:
+def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: float, rule: SpikeRule) -> SpikingModel:
     snn = convert(setup.bundle.model, stats.thresholds(percentile), levels=levels, rule=rule)
     snn.spec = setup.bundle.spec
     return snn
@@ -690,7 +690,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     for run in runs:
         run["ann_top1"] = ann_top1
         run["steps_within_1pt"] = steps_within(run["snn_top1"], ann_top1)
-    record = {"model": bundle.name, "dataset": setup.data.name, "ann_top1": ann_top1, "T": args.T, "rule": _rule(args).value,
+    record = {"model": bundle.name, "dataset": setup.data.name, "ann_top1": ann_top1, "T": args.T,
+              "rule": _rule(args).value,
               "n_images": n_images, "seed": args.seed, "limit": args.limit, "calibration": calibration,
               "runs": runs, "seconds": round(time.perf_counter() - start, 1), "ecmt_version": __version__}
     from . import plots  # matplotlib is imported only when plotting

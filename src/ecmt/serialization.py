@@ -88,7 +88,7 @@ def save(snn: SpikingModel, path: PathLike, ann: Optional[nn.Module] = None) -> 
         "ecmt_version": __version__,
         "levels": snn.levels,
         "percentile": snn.thresholds.percentile,
-        "rule": snn.thresholds.rule,
+        "rule": snn.thresholds.rule.value,
         "thresholds": json.loads(snn.thresholds.to_json()),
         "spec": dict(snn.spec),
         "ann": ann is not None,

@@ -19,7 +19,7 @@ with the lowest win, the paper's included.
 
 The search is made for one spike rule of the MT neurons (``rule``, recorded in the returned
 thresholds). Its default is ``"nearest"`` (spike on the threshold nearest to the membrane, see
-``ecmt.neurons.RULES``), which converges faster at low T than the paper's Eq. 25 and was the
+:class:`ecmt.neurons.SpikeRule`), which converges faster at low T than the paper's Eq. 25 and was the
 better of the two on both models measured (README, "Spike rule" and "Threshold search");
 ``rule="eq25"`` tunes for the paper's neuron.
 """
@@ -159,7 +159,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     Returns:
         Thresholds in the form :func:`ecmt.calibrate` returns, for ``ecmt.convert(model, th,
         levels)``, with ``th.rule == rule`` (so that ``convert`` builds those neurons).
-        ``meta`` records the rule, the relative output error reached and that of the paper's
+        ``meta`` records the relative output error reached and that of the paper's
         percentile (with this rule), the error of every simulation, the factor chosen per site
         type on the lone-neuron start, and the percentile rank of every chosen θ1 (by site and
         averaged by site type).
@@ -224,8 +224,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     by_type: dict[str, list[float]] = defaultdict(list)
     for name, p in by_site.items():
         by_type[site_type(name)].append(p)
-    meta = {"tuned_T": T, "levels": levels, "rule": rule.value, "relative_sq_error": final_error,
-            "simulations": len(history),
+    meta = {"tuned_T": T, "levels": levels, "relative_sq_error": final_error, "simulations": len(history),
             "reference_percentile": REFERENCE_PERCENTILE, "reference_error": reference_error, "errors": history,
             "lone_neuron_factor_by_site_type": {t: 2.0 ** v for t, v in best_shift.items()},
             "percentile_by_site_type": {t: round(sum(v) / len(v), 3) for t, v in by_type.items()},
