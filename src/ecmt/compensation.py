@@ -7,8 +7,8 @@ is allocated at the first step and updated in place, so memory does not grow wit
 
 **Expectation links.** By Theorems 4.1 and 4.2 the running mean of a module's outputs over
 steps 1..T is known in closed form: ``F(S(T)/T)`` for EC, ``S_A(T)·S_B(T)/T²`` for a matrix
-product (and ``b + W·Σ_t s(t)/T`` for a Linear layer, :class:`ecmt.layers.SpikingLinear`). When a module's output feeds only one consumer that integrates it (another EC module,
-or an MT neuron, see :attr:`ecmt.neurons.MTNeuron.mean_input`), the producer can hand over that
+product (and ``b + W·Σ_t s(t)/T`` for a Linear layer, :class:`ecmt.layers.SpikingLinear`).
+When a module's output feeds only one consumer that integrates it (another EC module, or an MT neuron, see :attr:`ecmt.neurons.MTNeuron.mean_input`), the producer can hand over that
 running mean instead of the per-step output: it sets ``mean_output`` and the consumer
 ``mean_input``. The consumer then needs neither its own accumulator nor the producer's ``prev``
 term of Eq. 15/16, which saves memory passes and state on dense hardware. The spikes are the

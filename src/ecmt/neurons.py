@@ -116,11 +116,9 @@ class MTNeuron(Stateful):
     and subtracts the emitted value from the membrane (Eq. 24). With ``rule="nearest"`` the
     spike is instead the threshold nearest to the membrane (see :class:`SpikeRule`).
 
-    The threshold is chosen in closed form rather than by 2n comparisons: with
-    ``u = |v| / theta + 1/2`` the neuron fires iff ``u >= 1``, on level ``k = floor(log2 u)``
-    clamped to ``n - 1`` (see :func:`mt_step`). Ties at an exact boundary between two levels go
-    to the larger level on both sides; the zero band is ``-theta_neg/2 <= v < theta_pos/2`` as
-    in Eq. 25.
+    The spike is chosen in closed form rather than by 2n comparisons (:func:`_fire`, for both
+    rules). Ties at an exact boundary between two levels go to the larger level on both sides;
+    the zero band is ``-theta_neg/2 <= v < theta_pos/2`` as in Eq. 25.
 
     A side whose base threshold is 0 (or below ``MIN_THETA``) is disabled: it never fires. This
     is what calibration gives a site whose activations never reach that sign.
