@@ -286,7 +286,7 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches: Optional[int] = None,
-                       progress: bool = False) -> ActivationStats:
+                       progress: bool = False, example: Any = None, path: str = "auto") -> ActivationStats:
     """Run the ANN over ``batches`` and histogram the activation at every spiking site.
 
     The sites are the input of every Linear and both operands of every matrix product. In
@@ -298,6 +298,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
         batches: Iterable of inputs, ``(input, target)`` pairs, or dicts of tensors.
         max_batches: Stop after this many batches.
         progress: Show a progress bar.
+        example, path: How the model is converted (see :func:`ecmt.conversion.build_spiking`).
 
     Under ``torchrun`` each rank passes its own share of the batches; the histograms are
     summed across ranks, so every rank gets the statistics of the whole calibration set.
@@ -313,7 +314,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
         observers[name] = SiteObserver(batch_mask)
         return observers[name]
 
-    net = build_spiking(model, make_observer)
+    net = build_spiking(model, make_observer, example=example, path=path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     net.to(device)
     seen = 0
@@ -341,7 +342,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
 
 def calibrate(model: nn.Module, batches: Iterable[Any], percentile: float = 99.0,
               overrides: Optional[Mapping[str, Override]] = None, *, max_batches: Optional[int] = None,
-              progress: bool = False) -> Thresholds:
+              progress: bool = False, example: Any = None, path: str = "auto") -> Thresholds:
     """Base thresholds at every site from the activation percentiles (Algorithm 1, step 1).
 
     Args:
@@ -352,6 +353,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], percentile: float = 99.0
             (see :meth:`Thresholds.with_overrides`).
         max_batches: Stop after this many batches.
         progress: Show a progress bar.
+        example, path: How the model is converted (see :func:`ecmt.conversion.build_spiking`);
+            give :func:`ecmt.convert` the same.
 
     Example:
         >>> th = ecmt.calibrate(vit, loader, percentile=99.0, max_batches=8)   # doctest: +SKIP
@@ -359,5 +362,5 @@ def calibrate(model: nn.Module, batches: Iterable[Any], percentile: float = 99.0
         (1.93, 2.05)
     """
     _check_percentile(percentile)
-    stats = collect_statistics(model, batches, max_batches=max_batches, progress=progress)
+    stats = collect_statistics(model, batches, max_batches=max_batches, progress=progress, example=example, path=path)
     return stats.thresholds(percentile, overrides)

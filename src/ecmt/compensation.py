@@ -65,7 +65,7 @@ def rescale(product: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> Tensor
 
 
 class ExpectationCompensation(Stateful):
-    """General EC module wrapping any function F (Eq. 15).
+    """General EC module wrapping any function F (Eq. 15), of one or more inputs.
 
     At step T it outputs ``T·F(S(T)/T) − (T−1)·F(S(T−1)/(T−1))`` where ``S`` is the running sum
     of its inputs, so ``Σ_t O(t) = T·F(S(T)/T)`` (Theorem 4.1). At T = 1 the output is exactly
@@ -75,6 +75,9 @@ class ExpectationCompensation(Stateful):
     Args:
         fn: The nonlinearity (LayerNorm, GELU, Softmax, ...). A float32 copy is kept, so the
             caller's module (and the ANN it belongs to) is never modified.
+        arity: How many leading arguments are inputs to compensate. With ``arity = k`` each
+            of them keeps its own running sum and F sees all k running means (the SwiGLU gate
+            ``F(a, b) = silu(a)·b``); the sum of the outputs is still ``T·F(means)``.
 
     Example:
         >>> ec = ExpectationCompensation(nn.GELU())
@@ -86,27 +89,42 @@ class ExpectationCompensation(Stateful):
 
     _state = {"t": 0, "s": None, "prev": None}
 
-    def __init__(self, fn: nn.Module) -> None:
+    def __init__(self, fn: nn.Module, arity: int = 1) -> None:
         super().__init__()
         self.fn = copy.deepcopy(fn).float()
+        self.arity = arity  # how many leading arguments are compensated inputs (n-ary F, e.g. a·b)
         self.mean_input = False  # x is already S(T)/T, the running mean of the inputs (from a linked producer)
         self.mean_output = False  # return F(S(T)/T), the running mean of the outputs (for a linked consumer)
+        self.mean_inputs = [False] * arity  # per input, for arity > 1
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    def forward(self, *args, **kwargs) -> Tensor:
         self.t += 1
-        if self.mean_input:
-            mean = x.float()
+        x = args[0]
+        if self.arity > 1:
+            means = self._means(args[:self.arity])
+            f_mean = self.fn(*means, *args[self.arity:], **kwargs)
         else:
-            if self.s is None:
-                self.s = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # S(0) = 0
-            mean = accumulate_mean(*flat(self.s, x), self.t, numel=x.numel())  # S(T)/T, S(T) kept in self.s
-        f_mean = self.fn(mean.view(x.shape), *args, **kwargs)  # a new tensor: F may work in place
+            if self.mean_input:
+                mean = x.float()
+            else:
+                if self.s is None:
+                    self.s = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # S(0) = 0
+                mean = accumulate_mean(*flat(self.s, x), self.t, numel=x.numel())  # S(T)/T, S(T) kept in self.s
+            f_mean = self.fn(mean.view(x.shape), *args[1:], **kwargs)  # a new tensor: F may work in place
         if self.mean_output:
             return f_mean  # Theorem 4.1: the mean of the outputs of Eq. 15 over steps 1..T
         if self.t == 1:
             self.prev = f_mean.contiguous()  # updated in place from now on: the output is a copy
             return f_mean.to(x.dtype, copy=True)  # O(1) = F(S(1)) exactly
         return compensate(*flat(f_mean, self.prev), self.t, x.dtype, numel=f_mean.numel()).view(f_mean.shape)
+
+    def _means(self, xs: tuple) -> list[Tensor]:
+        """The running mean of every input (Eq. 15 for n-ary F: one running sum per input)."""
+        if self.s is None:
+            self.s = [None if linked else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+                      for x, linked in zip(xs, self.mean_inputs)]
+        return [x.float() if s is None else accumulate_mean(*flat(s, x), self.t, numel=x.numel()).view(x.shape)
+                for x, s in zip(xs, self.s)]
 
 
 class MatMulEC(Stateful):

@@ -17,17 +17,47 @@ from .state import Stateful, stateful_modules
 from .thresholds import Thresholds
 
 
-def build_spiking(model: nn.Module, make_site: SiteFactory) -> nn.Module:
+PATHS = ("auto", "graph", "adapter")
+"""How :func:`build_spiking` converts: ``graph`` is the generic path (:mod:`ecmt.graph`),
+``adapter`` the hand-written fast path of a registered family, ``auto`` the adapter where
+one converts the model and the graph otherwise."""
+
+
+def build_spiking(model: nn.Module, make_site: SiteFactory, *, example: Any = None, path: str = "auto") -> nn.Module:
     """Return a copy of ``model`` in spiking form, with sites made by ``make_site``.
 
     The copy shares the ANN's parameters (nothing is written to them) and the original is
-    left untouched. Linear layers get a site before them, nonlinearities an EC wrapper, and
-    attention modules are rebuilt by their family adapter.
+    left untouched. Linear layers get a site before them, nonlinearities an EC module and
+    products of two spiking tensors matrix-product EC modules.
+
+    Args:
+        model: The ANN.
+        make_site: Makes the module at each spiking site, given its name.
+        example: An input of the model, for graph capture (default: made from its config,
+            see :func:`ecmt.graph.example_input`).
+        path: One of :data:`PATHS`.
 
     Raises:
-        UnsupportedModelError: Some modules cannot be converted; all of them are named.
+        UnsupportedModelError: Some modules or ops cannot be converted; all of them are named.
     """
+    if path not in PATHS:
+        raise InvalidInputError(f"unknown conversion path {path!r}: choose one of {', '.join(PATHS)}")
     _load_adapters()
+    if path == "graph" or (path == "auto" and not registry.has_adapter(model)):
+        from .graph import build_graph
+
+        return build_graph(model, make_site, example)
+    try:
+        return _build_adapter(model, make_site)
+    except UnsupportedModelError:
+        if path == "adapter":
+            raise
+    from .graph import build_graph  # a configuration the adapter refuses (EVA-02 rope, attention pooling)
+
+    return build_graph(model, make_site, example)
+
+
+def _build_adapter(model: nn.Module, make_site: SiteFactory) -> nn.Module:
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     net = copy.deepcopy(model, memo).eval()
     unsupported: list[tuple[str, str]] = []
@@ -110,11 +140,67 @@ class SpikingModel(nn.Module):
                 yield name, m
 
     def forward(self, x: Any) -> Tensor:
-        out = self.net(**x) if isinstance(x, Mapping) else self.net(x)
+        if isinstance(x, Mapping):
+            out = self.net(**(graph_inputs(self.net, x) if isinstance(self.net, torch.fx.GraphModule) else x))
+        else:
+            out = self.net(x)
         return self._output(out)
 
 
-def site_names(model: nn.Module) -> list[str]:
+_DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
+"""Inputs a text model reads as these defaults when they are not given."""
+
+
+def graph_inputs(gm: torch.fx.GraphModule, x: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of a captured graph, from a batch that may carry others.
+
+    A graph is captured with the inputs of its example; a batch may leave out an input the
+    graph takes (filled with the model's default), or carry one the graph does not take,
+    which is dropped if it holds that default (a tokenizer's all-zero ``token_type_ids``).
+
+    Raises:
+        InvalidInputError: An input is missing, or given with other values than the default.
+    """
+    names = gm.__dict__.get("_ecmt_inputs")
+    if names is None:
+        names = gm.__dict__["_ecmt_inputs"] = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if list(x) == names:
+        return dict(x)
+    ids = next(iter(x.values()))
+    out = {}
+    for name in names:
+        if name in x:
+            out[name] = x[name]
+        elif name in _DEFAULTS and isinstance(ids, Tensor):
+            out[name] = _DEFAULTS[name](ids)
+        else:
+            raise InvalidInputError(f"the input has no {name!r}, which the converted model takes")
+    for name in set(x) - set(names):
+        value = x[name]
+        if not (name in _DEFAULTS and isinstance(value, Tensor) and bool((value == _DEFAULTS[name](value)).all())):
+            raise InvalidInputError(f"the converted model does not take {name!r} (it was captured with "
+                                    f"{', '.join(names)}): convert it with example= holding that input")
+    return out
+
+
+def set_thresholds(snn: SpikingModel, thresholds: Thresholds) -> None:
+    """Give every MT neuron of ``snn`` its base thresholds from ``thresholds``, in place.
+
+    The neurons keep their spike rule and levels. Used by the threshold search, which
+    simulates many threshold sets on one conversion.
+
+    Raises:
+        ThresholdError: A site has no threshold.
+    """
+    for name, neuron in snn.neurons():
+        if name not in thresholds:
+            raise ThresholdError(f"no threshold for site {name}")
+        neuron.theta.copy_(torch.tensor(thresholds[name], dtype=torch.float32))
+        neuron._refresh()
+    snn.thresholds = thresholds
+
+
+def site_names(model: nn.Module, *, example: Any = None, path: str = "auto") -> list[str]:
     """The names of the spiking sites conversion would create for ``model``."""
     names: list[str] = []
 
@@ -122,21 +208,23 @@ def site_names(model: nn.Module) -> list[str]:
         names.append(name)
         return nn.Identity()
 
-    build_spiking(model, record)
+    build_spiking(model, record, example=example, path=path)
     return names
 
 
 def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], levels: int = 8,
-            rule: Union[str, SpikeRule, None] = None) -> SpikingModel:
+            rule: Union[str, SpikeRule, None] = None, *, example: Any = None, path: str = "auto") -> SpikingModel:
     """Convert ``model`` to an ECMT spiking network (Algorithm 1, step 2).
 
     Args:
-        model: A supported ANN (timm ViT/DeiT/EVA-01, HF BERT, ...). It is not modified.
+        model: An ANN (any timm or HF Transformer that torch.export captures). It is not modified.
         thresholds: Base thresholds per site, from :func:`ecmt.calibrate` (or hand-made).
         levels: n; each MT neuron gets 2n thresholds.
         rule: The MT neurons' spike rule (:class:`ecmt.neurons.SpikeRule`: ``"eq25"``, the
             paper's, or ``"nearest"``); default: the one ``thresholds`` were made for (``eq25``
             from :func:`ecmt.calibrate`, ``nearest`` from :func:`ecmt.tune`).
+        example: An input of the model for graph capture (see :func:`build_spiking`).
+        path: ``auto``, ``graph`` or ``adapter`` (see :data:`PATHS`); calibrate with the same.
 
     Returns:
         The spiking network; run it with :func:`ecmt.simulate`. ``snn.thresholds.rule`` is
@@ -165,13 +253,15 @@ def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], lev
             return nn.Identity()
         return MTNeuron(*thresholds[name], levels=levels, rule=thresholds.rule)
 
-    net = build_spiking(model, make_neuron)
+    net = build_spiking(model, make_neuron, example=example, path=path)
     if missing:
         raise ThresholdError(f"no threshold for {len(missing)} site(s), e.g. {missing[0]}: "
                              "calibrate on this model")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     net.to(device)
-    return SpikingModel(net, levels, thresholds, registry.family_of(model).output)
+    snn = SpikingModel(net, levels, thresholds, registry.family_of(model).output)
+    snn.path = "graph" if isinstance(net, torch.fx.GraphModule) else "adapter"
+    return snn
 
 
 def _load_adapters() -> None:

@@ -150,7 +150,7 @@ def _attach(net: nn.Module, hook: Hook) -> list[torch.utils.hooks.RemovableHandl
         handles.append(m.register_forward_hook(lambda mod, args, out: hook(name, kind, mod, args, out)))
 
     def add_linear(name: str, m: SpikingLinear) -> None:
-        handles.append(m.neuron.register_forward_hook(
+        handles.append(m.site.register_forward_hook(
             lambda mod, args, out: hook(name, "linear", m.linear, (out,), None)))
 
     for name, kind, m in _counted_modules(net):

@@ -58,6 +58,8 @@ def unlink(net: nn.Module) -> None:
         for flag in ("mean_input", "mean_output"):
             if hasattr(m, flag):
                 setattr(m, flag, False)
+        if hasattr(m, "mean_inputs"):
+            m.mean_inputs = [False] * len(m.mean_inputs)
 
 
 def fire(neuron: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -72,17 +74,30 @@ class SpikingLinear(Stateful):
     ``b + W·(Σ_t s(t))/T`` (the Linear is affine), for a consumer that would otherwise
     accumulate them; ``Σ_t W·s(t)`` is accumulated by the matrix product itself, in float32.
 
+    In a converted graph (:mod:`ecmt.graph`) the site runs as a node of its own, so that one
+    site can feed several layers that read the same tensor (q, k and v projections): the
+    layer is then built with ``fires=False`` and receives spikes; ``site`` is the site that
+    feeds it, whether it is this layer's own child ``neuron`` or another layer's.
+
     Args:
-        neuron: The site module (MT neuron or calibration observer).
-        linear: The ANN's Linear layer; its weights are shared, not copied.
+        neuron: The site module (MT neuron or calibration observer), or None for a layer fed
+            by another layer's site (then ``site`` names it).
+        linear: The ANN's Linear layer (or, in a converted graph, a convolution); its weights
+            are shared, not copied.
+        fires: Whether ``forward`` runs the site itself (False: it receives spikes).
+        site: The site feeding the layer, when ``neuron`` is None.
     """
 
     _state = {"t": 0, "acc": None}
 
-    def __init__(self, neuron: nn.Module, linear: nn.Linear) -> None:
+    def __init__(self, neuron: Optional[nn.Module], linear: nn.Module, fires: bool = True,
+                 site: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.neuron = neuron
+        if neuron is not None:
+            self.neuron = neuron
+        self.__dict__["site"] = neuron if neuron is not None else site  # not registered twice
         self.linear = linear
+        self.fires = fires
         self.mean_output = False  # return the running mean of the outputs (for a linked consumer)
 
     @property
@@ -94,7 +109,7 @@ class SpikingLinear(Stateful):
         return self.linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        spikes = fire(self.neuron, x, self.linear.weight.dtype)
+        spikes = fire(self.neuron, x, self.linear.weight.dtype) if self.fires else x
         if not self.mean_output:
             return self.linear(spikes)
         self.t += 1

@@ -110,9 +110,23 @@ def is_analog_input(m: nn.Module) -> bool:
     return type(m) in _analog_inputs
 
 
+def has_adapter(m: nn.Module) -> bool:
+    """Whether a family adapter handles ``m`` as a whole (else the generic graph path does)."""
+    return type(m) in _containers or type(m) in _replace
+
+
 def family_of(m: nn.Module) -> Family:
-    return _families.get(type(m), Family(output=_identity))
+    return _families.get(type(m), Family(output=main_output))
 
 
-def _identity(x: Any) -> Any:
+def main_output(x: Any) -> Any:
+    """The tensor of a model's output that is simulated: the output itself, else ``logits``,
+    else ``last_hidden_state`` (HF model outputs), else the first element of a tuple."""
+    if hasattr(x, "keys") and not hasattr(x, "shape"):
+        for key in ("logits", "last_hidden_state"):
+            if key in x.keys():
+                return x[key]
+        return next(iter(x.values()))
+    if isinstance(x, (tuple, list)):
+        return x[0]
     return x

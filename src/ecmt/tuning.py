@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import registry
 from .calibration import ActivationStats, bucket_values, collect_statistics, model_input, to_device
-from .conversion import convert
+from .conversion import SpikingModel, convert, set_thresholds
 from .fusion import MIN_NUMEL
 from .neurons import MTNeuron, SpikeRule, check_rule
 from .simulation import simulate_steps
@@ -65,12 +65,16 @@ def _valid_positions(x: Any, out: Tensor) -> Tensor:
 
 @torch.no_grad()
 def output_error(model: nn.Module, thresholds: Thresholds, inputs: list[Any], references: list[Tensor],
-                 T: int, levels: int) -> float:
+                 T: int, levels: int, snn: Optional[SpikingModel] = None) -> float:
     """Relative squared error ``Σ‖SNN_T − ANN‖² / Σ‖ANN‖²`` of the running mean at step T.
 
     Padded token positions of text batches are left out (see :func:`_valid_positions`).
+    ``snn``: a conversion of ``model`` to reuse: its neurons take ``thresholds`` in place.
     """
-    snn = convert(model, thresholds, levels)
+    if snn is None:
+        snn = convert(model, thresholds, levels)
+    else:
+        set_thresholds(snn, thresholds)
     num = den = 0.0
     for x, ref in zip(inputs, references):
         *_, out = simulate_steps(snn, x, T)
@@ -140,7 +144,7 @@ def _scaled(base: Thresholds, log2_scale: Mapping[str, float]) -> Thresholds:
 @torch.no_grad()
 def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, *, budget: int = 20,
          max_batches: Optional[int] = None, progress: bool = False,
-         rule: Union[str, SpikeRule] = SpikeRule.nearest) -> Thresholds:
+         rule: Union[str, SpikeRule] = SpikeRule.nearest, example: Any = None, path: str = "auto") -> Thresholds:
     """Choose base thresholds per site for the best SNN output at step T.
 
     Uses only ``batches`` (calibration data): their activation histograms for the thresholds
@@ -155,6 +159,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
         max_batches: Use at most this many batches.
         progress: Show a progress bar.
         rule: The spike rule of the MT neurons to tune for (see the module docstring).
+        example, path: How the model is converted (see :func:`ecmt.conversion.build_spiking`).
 
     Returns:
         Thresholds in the form :func:`ecmt.calibrate` returns, for ``ecmt.convert(model, th,
@@ -171,19 +176,22 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     rule = check_rule(rule)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = [to_device(model_input(b), device) for b, _ in zip(batches, range(max_batches or 1 << 62))]
-    stats = collect_statistics(model, inputs)
+    stats = collect_statistics(model, inputs, example=example, path=path)
     output = registry.family_of(model).output
     model = model.eval()
     refs = [output(model(**x) if isinstance(x, Mapping) else model(x)).float() for x in inputs]
 
     bar = tqdm(total=budget, desc=f"tuning for T={T}", disable=None if progress is None else not progress, leave=False)
     history: list[float] = []
+    snns: list[SpikingModel] = []
     best: tuple[float, Thresholds] = (math.inf, stats.thresholds(REFERENCE_PERCENTILE).with_rule(rule))
 
     def error(th: Thresholds) -> float:
         """Output error of ``th``; keeps ``th`` if it is the lowest so far."""
         nonlocal best
-        err = output_error(model, th, inputs, refs, T, levels)
+        if not snns:  # converted once; every later simulation only changes the thresholds
+            snns.append(convert(model, th, levels, example=example, path=path))
+        err = output_error(model, th, inputs, refs, T, levels, snns[0])
         history.append(err)
         bar.update(1)
         if err < best[0]:
