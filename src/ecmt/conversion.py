@@ -47,11 +47,14 @@ def build_spiking(model: nn.Module, make_site: SiteFactory, *, example: Any = No
         from .graph import build_graph
 
         return build_graph(model, make_site, example)
-    try:
+    if path == "adapter":
         return _build_adapter(model, make_site)
+    try:  # a dry run first: make_site must see only the sites of the path that converts
+        _build_adapter(model, lambda name: nn.Identity())
     except UnsupportedModelError:
-        if path == "adapter":
-            raise
+        pass
+    else:
+        return _build_adapter(model, make_site)
     from .graph import build_graph  # a configuration the adapter refuses (EVA-02 rope, attention pooling)
 
     return build_graph(model, make_site, example)
@@ -140,10 +143,7 @@ class SpikingModel(nn.Module):
                 yield name, m
 
     def forward(self, x: Any) -> Tensor:
-        if isinstance(x, Mapping):
-            out = self.net(**(graph_inputs(self.net, x) if isinstance(self.net, torch.fx.GraphModule) else x))
-        else:
-            out = self.net(x)
+        out = self.net(**x) if isinstance(x, Mapping) else self.net(x)
         return self._output(out)
 
 

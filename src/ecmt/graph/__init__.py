@@ -41,7 +41,22 @@ def build_graph(model: nn.Module, make_site: Callable[[str], nn.Module],
     rewrite(gm, ann, make_site, time)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     link_graph(gm, dtype)
-    return fx.GraphModule(gm, gm.graph, class_name="SpikingGraph")  # a plain graph module (eval() and train() work)
+    return SpikingGraph(gm, gm.graph, class_name="SpikingGraph")
+
+
+class SpikingGraph(fx.GraphModule):
+    """A converted graph: one call is one time step.
+
+    A plain graph module (``eval()`` and ``train()`` work, unlike export's), which takes
+    keyword inputs as a batch has them (see :func:`ecmt.conversion.graph_inputs`).
+    """
+
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            from ..conversion import graph_inputs
+
+            kwargs = graph_inputs(self, kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 __all__ = ["Example", "Time", "build_graph", "capture", "classify", "example_input", "link_graph", "rewrite"]

@@ -25,7 +25,7 @@ def example_input(model: nn.Module, batch: int = 2) -> Example:
 
     timm models: zeros of the patch embedding's (or the pretrained config's) image size. HF
     models: images of ``config.image_size`` for vision configs, else 9 tokens of id 1 with a
-    full attention mask. Pass ``example=`` to :func:`ecmt.convert` for anything else.
+    full attention mask (and zero token types, for configs that have them). Pass ``example=`` to :func:`ecmt.convert` for anything else.
     """
     config = getattr(model, "config", None)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -34,7 +34,9 @@ def example_input(model: nn.Module, batch: int = 2) -> Example:
             size = config.image_size
             size = (size, size) if isinstance(size, int) else tuple(size)
             return {"pixel_values": torch.zeros(batch, config.num_channels, *size, device=device)}
-        names = inspect.signature(model.forward).parameters
+        names = set(inspect.signature(model.forward).parameters)
+        if not getattr(config, "type_vocab_size", None):  # GPT-2 reads given token types as token embeddings
+            names.discard("token_type_ids")
         ids = torch.ones(batch, 9, dtype=torch.long, device=device)
         return {k: v for k, v in (("input_ids", ids), ("attention_mask", torch.ones_like(ids)),
                                   ("token_type_ids", torch.zeros_like(ids))) if k in names}

@@ -58,6 +58,8 @@ LINEAR_OPS = _packets(
     "new_full", "empty_like", "gather", "index", "where", "scatter", "slice_scatter", "select_scatter",
     "copy", "view_as", "reshape_as", "unfold",
 )
+LINEAR_OPS |= _packets("add_", "sub_", "masked_fill_", "copy_", "clamp_", "fill_", "zero_", "t_", "transpose_",
+                       "unsqueeze_", "squeeze_")
 """Linear in the time mean (``mul`` and ``div`` only with at most one dynamic factor, a dynamic
 numerator; index, gather and where only with constant indices or conditions: checked by
 :func:`kind_of`)."""
@@ -116,9 +118,9 @@ def kind_of(node: fx.Node, dynamic: Callable[[Any], bool]) -> Optional[Kind]:
         return Kind.PRODUCT if target is aten.linear else None
     if target in PRODUCT_OPS:
         return Kind.PRODUCT if dynamic(node.args[1]) else Kind.WEIGHTED  # x·W: W a constant (or analog)
-    if target in (aten.mul, aten.div):
+    if target in (aten.mul, aten.div, aten.mul_, aten.div_):
         a, b = node.args[:2]
-        if target is aten.mul:
+        if target in (aten.mul, aten.mul_):
             return Kind.NONLINEAR if dynamic(a) and dynamic(b) else Kind.LINEAR
         return Kind.LINEAR if not dynamic(b) else Kind.NONLINEAR
     if target in (aten.index, aten.gather, aten.scatter):
