@@ -197,11 +197,13 @@ def test_pooled_output():
         PooledOutput(BertModel(BertConfig(**TINY), add_pooling_layer=False))
 
 
-def test_decoder_and_cross_attention_are_refused():
+def test_decoder_and_cross_attention_are_refused_by_the_adapter_and_converted_by_the_graph():
     model = BertModel(BertConfig(**TINY, is_decoder=True, add_cross_attention=True))
     with pytest.raises(ecmt.UnsupportedModelError) as e:
-        ecmt.site_names(model)
+        ecmt.site_names(model, path="adapter")
     assert "is_decoder" in str(e.value) and "BertCrossAttention" in str(e.value)
+    names = ecmt.site_names(model)  # auto: the generic graph path (a causal decoder without encoder states)
+    assert "encoder.layer.0.attention.self.q_neuron" in names
 
 
 def test_mean_pool_and_ranks():

@@ -106,20 +106,22 @@ def test_same_seed_and_inputs_give_bit_identical_outputs():
     assert th_a.sites == th_b.sites and torch.equal(out_a, out_b)
 
 
-def test_unsupported_model_names_its_modules():
+def test_adapter_path_names_unsupported_modules_and_the_graph_converts_them():
     model = timm.create_model("resnet18", pretrained=False, num_classes=3)
     with pytest.raises(ecmt.UnsupportedModelError) as e:
-        ecmt.convert(model, {}, levels=8)
+        ecmt.convert(model, {}, levels=8, path="adapter")
     msg = str(e.value)
     assert "ResNet" in msg and "Conv2d" in msg and "BatchNorm2d" in msg
+    names = ecmt.site_names(model, example=torch.randn(2, 3, 32, 32))  # convolutions, BatchNorm, max pooling
+    assert "layer1.0.conv1.neuron" in names and "fc.neuron" in names and "conv1.neuron" not in names
 
 
-def test_eva02_features_are_named_unsupported():
+def test_eva02_features_are_named_unsupported_by_the_adapter():
     from timm.models.eva import Eva
     model = Eva(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3,
                 use_rot_pos_emb=True, swiglu_mlp=True)
     with pytest.raises(ecmt.UnsupportedModelError) as e:
-        ecmt.site_names(model)
+        ecmt.site_names(model, path="adapter")
     assert "rotary" in str(e.value) and "GluMlp at blocks.0.mlp" in str(e.value)
 
 

@@ -160,6 +160,7 @@ class ActivationStats:
     """Histograms of the activations at every site, from :func:`collect_statistics`."""
 
     counts: dict[str, Tensor]
+    example: Optional[dict] = None  # the signature of the inputs (ecmt.graph.capture.signature)
 
     def quantile(self, site: str, q: float) -> float:
         return histogram_quantile(self.counts[site], q)
@@ -183,7 +184,7 @@ class ActivationStats:
         """
         _check_percentile(percentile)
         sites = {name: self.site_thresholds(name, percentile) for name in self.counts}
-        th = Thresholds(sites, percentile)
+        th = Thresholds(sites, percentile, example=self.example)
         return th.with_overrides(overrides) if overrides else th
 
 
@@ -307,8 +308,17 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
         CalibrationError: No batch was given, an input holds NaN/Inf or does not fit the
             model, or the model's activations do.
     """
+    from .graph.capture import signature
+
     observers: dict[str, SiteObserver] = {}
     batch_mask = BatchMask()
+    it = batches if max_batches is None else itertools.islice(batches, max_batches)
+    it = iter(it)
+    first = next(it, None)
+    if first is not None:
+        it = itertools.chain([first], it)
+        if example is None:  # the graph is captured on the first batch, whose signature convert reuses
+            example = model_input(first)
 
     def make_observer(name: str) -> nn.Module:
         observers[name] = SiteObserver(batch_mask)
@@ -318,7 +328,6 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     net.to(device)
     seen = 0
-    it = batches if max_batches is None else itertools.islice(batches, max_batches)
     hidden = None if progress is None else not progress  # None: shown on terminals only
     for batch in tqdm(it, desc="calibrating", total=max_batches, disable=hidden, leave=False):
         x = to_device(model_input(batch), device)
@@ -337,7 +346,8 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
     if broken:
         raise CalibrationError(f"the model's activations hold NaN or Inf at {len(broken)} site(s), first at "
                                f"{broken[0]}, on finite inputs: check the model's weights (and its dtype)")
-    return ActivationStats({name: obs.counts for name, obs in observers.items()})
+    return ActivationStats({name: obs.counts for name, obs in observers.items()},
+                           signature(example) if example is not None else None)
 
 
 def calibrate(model: nn.Module, batches: Iterable[Any], percentile: float = 99.0,

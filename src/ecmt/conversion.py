@@ -253,11 +253,15 @@ def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], lev
             return nn.Identity()
         return MTNeuron(*thresholds[name], levels=levels, rule=thresholds.rule)
 
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if example is None and thresholds.example:
+        from .graph.capture import from_signature
+
+        example = from_signature(thresholds.example, device)
     net = build_spiking(model, make_neuron, example=example, path=path)
     if missing:
         raise ThresholdError(f"no threshold for {len(missing)} site(s), e.g. {missing[0]}: "
                              "calibrate on this model")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     net.to(device)
     snn = SpikingModel(net, levels, thresholds, registry.family_of(model).output)
     snn.path = "graph" if isinstance(net, torch.fx.GraphModule) else "adapter"

@@ -28,12 +28,16 @@ class Thresholds(Mapping[str, tuple[float, float]]):
         rule: The MT neurons' spike rule they are meant for (:class:`ecmt.neurons.SpikeRule`;
             a name such as ``"nearest"`` is accepted):
             :func:`ecmt.convert` builds its neurons with it unless told otherwise.
+        example: The shapes and dtypes of the calibration input (see
+            :func:`ecmt.graph.capture.signature`), from which :func:`ecmt.convert` makes the
+            example input that graph capture needs, unless it is given one.
     """
 
     sites: Mapping[str, tuple[float, float]]
     percentile: Optional[float] = None
     meta: Mapping[str, object] = field(default_factory=dict)
     rule: SpikeRule = SpikeRule.eq25
+    example: Optional[Mapping[str, object]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", check_rule(self.rule, ThresholdError))
@@ -69,7 +73,7 @@ class Thresholds(Mapping[str, tuple[float, float]]):
             pair = (float(value), float(value)) if isinstance(value, (int, float)) else tuple(value)
             for n in names:
                 sites[n] = pair
-        return Thresholds(sites, self.percentile, dict(self.meta), self.rule)
+        return replace(self, sites=sites, meta=dict(self.meta))
 
     def with_rule(self, rule: Union[str, SpikeRule]) -> "Thresholds":
         """The same thresholds, for neurons with spike rule ``rule``."""
@@ -77,11 +81,11 @@ class Thresholds(Mapping[str, tuple[float, float]]):
 
     def to_json(self) -> str:
         return json.dumps({"percentile": self.percentile, "rule": self.rule.value, "meta": dict(self.meta),
-                           "sites": {k: list(v) for k, v in self.sites.items()}})
+                           "example": self.example, "sites": {k: list(v) for k, v in self.sites.items()}})
 
     @classmethod
     def from_json(cls, text: str) -> "Thresholds":
         """Read :meth:`to_json`'s text; files written before rules existed are ``eq25``."""
         d = json.loads(text)
         return cls({k: tuple(v) for k, v in d["sites"].items()}, d.get("percentile"), d.get("meta", {}),
-                   d.get("rule", "eq25"))
+                   d.get("rule", "eq25"), d.get("example"))

@@ -132,13 +132,13 @@ def lone_neuron_thresholds(stats: ActivationStats, T: int, levels: int, steps_pe
             thetas = float(v.max()) * torch.exp2(-j / steps_per_octave)
             pair.append(float(thetas[lone_neuron_error(v, c, thetas, T, levels, rule).argmin()]))
         sites[name] = tuple(pair)
-    return Thresholds(sites, rule=rule)
+    return Thresholds(sites, rule=rule, example=stats.example)
 
 
 def _scaled(base: Thresholds, log2_scale: Mapping[str, float]) -> Thresholds:
     """``base`` with both thresholds of every site multiplied by ``2**log2_scale[site]``."""
     return Thresholds({name: (a * 2.0 ** log2_scale[name], b * 2.0 ** log2_scale[name])
-                       for name, (a, b) in base.items()}, rule=base.rule)
+                       for name, (a, b) in base.items()}, rule=base.rule, example=base.example)
 
 
 @torch.no_grad()
@@ -237,4 +237,4 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
             "lone_neuron_factor_by_site_type": {t: 2.0 ** v for t, v in best_shift.items()},
             "percentile_by_site_type": {t: round(sum(v) / len(v), 3) for t, v in by_type.items()},
             "percentile_by_site": by_site}
-    return Thresholds(th.sites, None, meta, rule)
+    return Thresholds(th.sites, None, meta, rule, th.example)

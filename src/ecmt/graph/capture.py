@@ -58,6 +58,31 @@ def example_input(model: nn.Module, batch: int = 2) -> Example:
     return torch.zeros(batch, chans, *size, device=device)
 
 
+def signature(x: Example) -> dict[str, Any]:
+    """The shapes and dtypes of an input, as JSON: ``{"shape", "dtype"}``, or a dict of them."""
+    def one(t: torch.Tensor) -> dict[str, Any]:
+        return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+    if isinstance(x, Mapping):
+        return {"kwargs": {k: one(v) for k, v in x.items() if isinstance(v, torch.Tensor)}}
+    return one(x)
+
+
+def from_signature(sig: Mapping[str, Any], device: torch.device) -> Example:
+    """An input of the recorded shapes and dtypes (ones for integer inputs: token ids, masks)."""
+    def one(d: Mapping[str, Any]) -> torch.Tensor:
+        dtype = getattr(torch, str(d["dtype"]))
+        make = torch.zeros if dtype.is_floating_point else torch.ones
+        return make([int(n) for n in d["shape"]], dtype=dtype, device=device)
+
+    if "kwargs" in sig:
+        out = {k: one(v) for k, v in sig["kwargs"].items()}
+        if "token_type_ids" in out:
+            out["token_type_ids"].zero_()
+        return out
+    return one(sig)
+
+
 def _dynamic_shapes(example: Example) -> Any:
     auto = torch.export.Dim.AUTO
     if isinstance(example, Mapping):
@@ -79,6 +104,14 @@ def prepare(model: nn.Module) -> nn.Module:
     return net
 
 
+def _two(example: Example) -> Example:
+    """The example with a batch of 2: export would specialise a batch dimension of size 1."""
+    def two(t: Any) -> Any:
+        return t[:1].expand(2, *t.shape[1:]).clone() if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t
+
+    return {k: two(v) for k, v in example.items()} if isinstance(example, Mapping) else two(example)
+
+
 def capture(model: nn.Module, example: Optional[Example] = None) -> fx.GraphModule:
     """The forward of ``model`` (already :func:`prepare`-d) as a graph module sharing its parameters.
 
@@ -87,6 +120,7 @@ def capture(model: nn.Module, example: Optional[Example] = None) -> fx.GraphModu
     """
     if example is None:
         example = example_input(model)
+    example = _two(example)
     args, kwargs = ((), dict(example)) if isinstance(example, Mapping) else ((example,), {})
     dims = _dynamic_shapes(example)
     try:

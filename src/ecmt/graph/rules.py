@@ -72,7 +72,19 @@ NONLINEAR_OPS = _packets(
     "max_pool1d", "max_pool2d", "amax", "amin", "sin", "cos", "logsumexp", "var", "std", "glu", "square",
     "prelu", "logit", "erfc", "sign", "floor", "ceil", "round",
 )
-"""Wrapped in Expectation Compensation (Eq. 15)."""
+NONLINEAR_OPS |= {getattr(aten, p.__name__ + "_") for p in list(NONLINEAR_OPS) if hasattr(aten, p.__name__ + "_")}
+"""Wrapped in Expectation Compensation (Eq. 15); in-place variants (``relu_``) run as their
+functional form (:func:`functional`)."""
+
+
+def functional(target: Any) -> Any:
+    """The out-of-place form of an in-place ATen op (``aten.relu_.default`` -> ``aten.relu.default``)."""
+    name = getattr(target, "__name__", "")
+    pkt = getattr(target, "overloadpacket", None)
+    if pkt is None or not pkt.__name__.endswith("_"):
+        return target
+    base = getattr(aten, pkt.__name__[:-1], None)
+    return getattr(base, name.split(".")[-1], target) if base is not None else target
 
 WEIGHTED_OPS = _packets("linear", "conv1d", "conv2d", "conv3d", "convolution", "addmm")
 PRODUCT_OPS = _packets("matmul", "bmm", "mm")

@@ -199,7 +199,7 @@ class Rewriter:
         if layer is None:
             return
         data = node.args[1] if rules.packet(node) is aten.addmm else node.args[0]
-        name = self.claim(path if self.ann_leaf(path) else "", f"{path}.{rules.op_name(node)}".lstrip("."))
+        name = self.claim(*self.layer_names(node, path))
         made: list[SpikingLinear] = []
 
         def own(site: nn.Module) -> None:  # the layer keeps its site as its child: name.neuron
@@ -211,6 +211,17 @@ class Rewriter:
             if not made:  # fed by another layer's site
                 self.register(name, SpikingLinear(None, layer, fires=False, site=self.spikes[self._hoist(data)[0]][1]))
             self._replace(node, self.call(name, (spikes,)))
+
+    def layer_names(self, node: fx.Node, path: str) -> tuple[str, ...]:
+        """Names for a weighted layer, best first: the ANN module that ran it if that is the
+        layer itself, the module holding its weight (``F.linear(x, self.qkv.weight)``), and
+        ``{path}.{op}``."""
+        weight = node.args[2] if rules.packet(node) is aten.addmm else node.args[1]
+        holder = ""
+        if isinstance(weight, fx.Node) and weight.op == "get_attr" and "." in weight.target:
+            holder = weight.target.rsplit(".", 1)[0]
+            holder = holder if self.ann_leaf(holder) else ""
+        return (path if self.ann_leaf(path) else "", holder, f"{path}.{rules.op_name(node)}".lstrip("."))
 
     def layer(self, node: fx.Node, path: str, report: bool = True) -> Optional[nn.Module]:
         """The ANN's weighted layer of ``node`` as a module that shares its weights (None if it
@@ -334,7 +345,7 @@ class Rewriter:
 
         args = fx.node.map_aggregate(node.args, slot)
         kwargs = fx.node.map_aggregate(dict(node.kwargs), slot)
-        fn = NodeFunction(node.target, args, kwargs, consts, len(inputs))
+        fn = NodeFunction(rules.functional(node.target), args, kwargs, consts, len(inputs))
         alone = self.nonlinear_per_path[path] == 1 and self.ann_leaf(path)
         name = self.claim(path if alone else "", f"{path}.{rules.op_name(node)}".lstrip("."))
         self.register(name, ExpectationCompensation(fn, arity=len(inputs)))
@@ -355,7 +366,7 @@ class Rewriter:
             if layer is None:  # an encoder we cannot rebuild stays an op of the graph
                 continue
             data = node.args[1] if rules.packet(node) is aten.addmm else node.args[0]
-            name = self.claim(path if self.ann_leaf(path) else "", f"{path}.{rules.op_name(node)}".lstrip("."))
+            name = self.claim(*self.layer_names(node, path))
             self.register(name, AnalogLayer(layer))
             with self.gm.graph.inserting_before(node):
                 self._replace(node, self.call(name, (data,)))
