@@ -57,9 +57,9 @@ def load_model(name: str, batch: int, device: str = "cpu", seed: int = 0) -> tup
     return model.to(device).eval(), x.to(device)
 
 
-def convert(model: nn.Module, x: torch.Tensor, levels: int = 8) -> ecmt.SpikingModel:
+def convert(model: nn.Module, x: torch.Tensor, levels: int = 8, path: str = "auto") -> ecmt.SpikingModel:
     """Calibrate on the benchmark batch itself (thresholds do not affect the dense cost) and convert."""
-    return ecmt.convert(model, ecmt.calibrate(model, [x]), levels=levels)
+    return ecmt.convert(model, ecmt.calibrate(model, [x], path=path), levels=levels, path=path)
 
 
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}

@@ -8,6 +8,11 @@ ratio of the medians. The ANN is the unmodified timm model (fused SDPA attention
     python benchmarks/step_cost.py --model fmnist_vit --batch 8 128
     python benchmarks/step_cost.py --modes auto 0 --rounds 5
     PYTHONPATH=/path/to/old/src python benchmarks/step_cost.py --name step_cost_baseline
+    python benchmarks/step_cost.py --modes auto --paths adapter graph --rounds 9 --name step_cost_paths
+
+``--paths`` times the same model converted by each conversion path (the hand-written adapter
+and the generic graph of :mod:`ecmt.graph`) in the same rounds; results are keyed
+``path:mode`` then.
 """
 from __future__ import annotations
 
@@ -22,23 +27,26 @@ from common import (MODELS, convert, environment, fusion_mode, load_model, reexe
                     summary, timed, write)
 
 
-def bench(model_name: str, batch: int, T: int, rounds: int, modes: list[str], device: str) -> dict:
+def bench(model_name: str, batch: int, T: int, rounds: int, modes: list[str], device: str,
+          paths: list[str]) -> dict:
     model, x = load_model(model_name, batch, device)
-    snn = convert(model, x)
+    snns = {p: convert(model, x, path=p) for p in paths}
+    keys = [(p, m, m if paths == ["auto"] else f"{p}:{m}") for p in paths for m in modes]
     first: dict[str, float] = {}
     with torch.no_grad():
         model(x)  # warm-up (and one-time initialisation of the kernels)
-        for mode in modes:  # warm-up; the first fused call compiles the step functions
+        for p, mode, key in keys:  # warm-up; the first fused call compiles the step functions
             set_fusion(mode)
-            first[mode] = timed(lambda: ecmt.simulate(snn, x, T=T))
-        ann, step = [], {m: [] for m in modes}
+            first[key] = timed(lambda: ecmt.simulate(snns[p], x, T=T))
+        ann, step = [], {key: [] for *_, key in keys}
         for r in range(rounds):
             ann.append(timed(lambda: model(x)))
-            for mode in modes:
+            for p, mode, key in keys:
                 set_fusion(mode)
-                step[mode].append(timed(lambda: ecmt.simulate(snn, x, T=T)) / T)
+                step[key].append(timed(lambda: ecmt.simulate(snns[p], x, T=T)) / T)
             print(f"  {model_name} b{batch} round {r + 1}/{rounds}: ANN {ann[-1]:.3f} s, "
-                  + ", ".join(f"step[{m}] {step[m][-1]:.3f} s" for m in modes), flush=True)
+                  + ", ".join(f"step[{k}] {step[k][-1]:.3f} s" for k in step), flush=True)
+    modes = list(step)
     set_fusion("auto")
     ann_med = statistics.median(ann)
     return {
@@ -60,6 +68,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--modes", nargs="+", default=["auto", "0"],
                    help="fusion modes to time: auto (fused on large tensors), 1 (always), 0 (eager)")
+    p.add_argument("--paths", nargs="+", default=["auto"], help="conversion paths: auto, adapter, graph")
     p.add_argument("--tuned-malloc", action="store_true", help="run with common.TUNED_MALLOC (see there)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -74,7 +83,7 @@ def main() -> None:
     for name in a.model:
         for b in a.batch:
             try:
-                out["results"].append(bench(name, b, a.T, a.rounds, a.modes, a.device))
+                out["results"].append(bench(name, b, a.T, a.rounds, a.modes, a.device, a.paths))
             except FileNotFoundError as e:
                 print(f"skipping {name}: {e}")
                 out["results"].append({"model": name, "batch": b, "skipped": str(e)})

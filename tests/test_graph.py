@@ -168,3 +168,60 @@ def test_deepcopy_and_eval():
     snn = ecmt.convert(model, ecmt.calibrate(model, [x]))
     twin = copy.deepcopy(snn).eval()
     torch.testing.assert_close(ecmt.simulate(twin, x, 3), ecmt.simulate(snn, x, 3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ["swin", "LlamaForCausalLM"])
+def test_generic_snn_saves_and_loads_bit_identically(key, tmp_path):
+    from ecmt import serialization
+    from ecmt.models import from_spec
+    from ecmt.text import encoder_spec
+    from graph_families import VISION
+
+    if key in VISION:
+        name, kwargs = VISION[key]
+        spec = {"name": name, "builder": "timm", "kwargs": {"model_name": name, "num_classes": 10, **kwargs},
+                "num_classes": 10, "data_config": {"input_size": [3, 56, 56]}}
+        model = from_spec(spec).model
+        torch.manual_seed(3)
+        x = torch.randn(2, 3, 56, 56)
+    else:
+        model, x = family_model(key)
+        spec = encoder_spec(model, "tiny-llama")
+    snn = ecmt.convert(model, ecmt.calibrate(model, [x]))
+    snn.spec = spec
+    path = serialization.save(snn, tmp_path / "snn.safetensors", ann=model)
+    saved = serialization.read(path)
+    assert saved.snn.path == "graph" and saved.info["path"] == "graph"
+    torch.testing.assert_close(ecmt.simulate(saved.snn, x, 4), ecmt.simulate(snn, x, 4), rtol=0, atol=0)
+    with torch.no_grad():  # the ANN comes back too
+        a = main_output(saved.ann(**x) if isinstance(x, dict) else saved.ann(x))
+        b = main_output(model(**x) if isinstance(x, dict) else model(x))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.act, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(self.embed(x))))
+
+
+def test_operation_counts_on_a_graph_snn_by_hand():
+    from ecmt.energy import measure
+
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(4, 3)
+    snn = ecmt.convert(model, ecmt.calibrate(model, [x], example=x), example=x)
+    assert snn.path == "graph" and sorted(ecmt.site_names(model, example=x)) == ["fc1.neuron", "fc2.neuron"]
+    spikes: dict[str, list[int]] = {"fc1": [], "fc2": []}
+    for layer in spikes:
+        snn.net.get_submodule(f"{layer}.neuron").register_forward_hook(
+            lambda m, a, out, layer=layer: spikes[layer].append(int(torch.count_nonzero(out))))
+    m = measure(snn, x, T=3)
+    assert m.kinds == {"embed": "analog", "fc1": "linear", "act": "nonlinear", "fc2": "linear"}
+    assert m.terms["fc1"]["ac_fanout"] == tuple(5 * n for n in spikes["fc1"])  # Eq. 28: out_features per spike
+    assert m.terms["fc2"]["ac_fanout"] == tuple(2 * n for n in spikes["fc2"])
+    assert m.terms["act"]["mac_fn"] == (20, 20, 20)  # F on the 4 x 5 mean input at every step
+    assert m.terms["embed"]["mac_analog"] == (4 * 3 * 6,) * 3  # the encoding layer on the analog input

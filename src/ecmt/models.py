@@ -94,12 +94,25 @@ def _build_timm(kwargs: Mapping[str, Any]) -> nn.Module:
 
 
 def _build_transformers(kwargs: Mapping[str, Any]) -> nn.Module:
-    """A HuggingFace encoder from its config (specs of :func:`ecmt.text.encoder_spec`)."""
-    from transformers import AutoConfig, AutoModel
+    """A HuggingFace model from its config and class (specs of :func:`ecmt.text.encoder_spec`).
+
+    The class must be one of transformers' model classes (``LlamaForCausalLM``); without one,
+    the config's base model (``AutoModel``).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel, PreTrainedModel
 
     config = dict(kwargs["config"])
     config = AutoConfig.for_model(config.pop("model_type"), **config)
-    model = AutoModel.from_config(config, attn_implementation=kwargs.get("attn_implementation"))
+    name = kwargs.get("class")
+    cls = getattr(transformers, str(name), None) if name else None
+    if name and not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise UnsupportedModelError(f"{name!r} is not a transformers model class")
+    if cls is not None:
+        config._attn_implementation = kwargs.get("attn_implementation") or "sdpa"
+        model = cls(config)
+    else:
+        model = AutoModel.from_config(config, attn_implementation=kwargs.get("attn_implementation"))
     if not kwargs.get("pooler", True) and getattr(model, "pooler", None) is not None:
         model.pooler = None
     return model

@@ -10,8 +10,10 @@ under the key ``"ecmt"``, a JSON record::
      "thresholds": {"percentile": 99.0, "rule": "eq25", "meta": {}, "sites": {site: [θ1, θ2]}},
      "spec": {...}, "ann": true}
 
-``spec`` is the model spec of :mod:`ecmt.models`. Loading rebuilds the architecture from it,
-converts it with the recorded thresholds, spike rule and levels, and loads the state dict, so the
+``spec`` is the model spec of :mod:`ecmt.models` (a timm name and kwargs, or a HF config
+and class); ``path`` the conversion path (``adapter``, or ``graph`` for the generic path, whose
+graph is captured again on an input of the recorded shape). Loading rebuilds the architecture
+from the spec, converts it with the recorded thresholds, spike rule, levels and path, and loads the state dict, so the
 loaded SNN simulates bit-identically to the saved one (and the ANN computes what it did). Files written by another major version
 of ecmt are refused.
 
@@ -91,6 +93,7 @@ def save(snn: SpikingModel, path: PathLike, ann: Optional[nn.Module] = None) -> 
         "rule": snn.thresholds.rule.value,
         "thresholds": json.loads(snn.thresholds.to_json()),
         "spec": dict(snn.spec),
+        "path": getattr(snn, "path", "adapter"),
         "ann": ann is not None,
     }
     net = snn.net.state_dict()
@@ -146,7 +149,10 @@ def read(path: PathLike) -> SavedSNN:
     info = read_info(path)
     bundle = from_spec(info["spec"])
     thresholds = Thresholds.from_json(json.dumps(info["thresholds"]))
-    snn = convert(bundle.model, thresholds, levels=int(info["levels"]))
+    how = info.get("path", "adapter")
+    if how not in ("adapter", "graph"):
+        raise IncompatibleFileError(f"{path}: {how!r} is not a conversion path (adapter or graph)")
+    snn = convert(bundle.model, thresholds, levels=int(info["levels"]), path=how)
     snn.spec = bundle.spec
     stored = load_file(str(path))
     state = {k: v for k, v in stored.items() if not k.startswith(ANN_PREFIX)}

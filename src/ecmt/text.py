@@ -214,7 +214,7 @@ def encoder_spec(model: nn.Module, name: str, head: Optional[Mapping[str, Any]] 
     """
     config = json.loads(model.config.to_json_string())
     kwargs = {"config": config, "attn_implementation": model.config._attn_implementation,
-              "pooler": getattr(model, "pooler", None) is not None}
+              "pooler": getattr(model, "pooler", None) is not None, "class": type(model).__name__}
     spec = {"name": name, "builder": "transformers", "kwargs": kwargs, "num_classes": 0, "data_config": {}}
     return {**spec, "text": dict(head)} if head is not None else spec
 
