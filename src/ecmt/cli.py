@@ -364,7 +364,8 @@ def _check_model_name(name: Optional[str]) -> None:
         return
     close = difflib.get_close_matches(name, [*REFERENCE_MODELS, *TEXT_MODELS, *model_names()], n=3, cutoff=0.6)
     hint = (f"did you mean {', '.join(close)}?" if close else
-            f"give {', '.join([*REFERENCE_MODELS, *TEXT_MODELS])}, a timm architecture name or a model folder")
+            f"give {', '.join([*REFERENCE_MODELS, *TEXT_MODELS])}, a model folder or a timm architecture name "
+            "(see timm.list_models())")
     raise UnsupportedModelError(f"unknown model {name!r}; {hint}")
 
 
@@ -777,20 +778,15 @@ def _write_evaluation(args: argparse.Namespace, record: dict[str, Any], energy: 
     from . import plots  # matplotlib is imported only when plotting
 
     def figures(out: Path, ext: str) -> list[Path]:
-        written = [plots.plot_accuracy(record, out / f"accuracy.{ext}")]
+        labelled = {**record, "label": f"SNN, {_setting(record)}"}
+        written = [plots.plot_accuracy(labelled, out / f"accuracy.{ext}")]
         if energy is None:
             return written
-        return [*written, plots.plot_accuracy_energy(_as_sweep(record), out / f"accuracy_energy.{ext}",
+        return [*written, plots.plot_accuracy_energy(labelled, out / f"accuracy_energy.{ext}",
                                                      title=f"{record['model']} on {record['dataset']}"),
                 write_json(energy, out / "energy.json"), *_energy_plots(record, energy, out, ext)]
 
     _write_record(args, record, "results", per_step_rows(record), figures)
-
-
-def _as_sweep(record: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation record in the form of a sweep of one setting (for the sweep's plots)."""
-    return {"ann_top1": record.get("ann_top1"), "n_images": record.get("n_images"),
-            "runs": [{**record, "label": f"SNN, {_setting(record)}"}]}
 
 
 def run_convert(args: argparse.Namespace) -> int:
