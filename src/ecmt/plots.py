@@ -123,7 +123,7 @@ def firing_rate_figure(report: Mapping[str, Any], title: Optional[str] = None) -
         panels.append(("per layer", list(rates["layers"]), list(rates["layers"].values()), "layer"))
     if rates.get("sites"):
         types = site_type_rates(rates)
-        panels.append(("per site type (mean over the blocks)", list(types), list(types.values()), "site type"))
+        panels.append(("per site type (mean over blocks)", list(types), list(types.values()), "site type"))
     width = sum(max(3.0, 0.32 * len(labels)) for _, labels, _, _ in panels) + 1
     fig = Figure(figsize=(width, 4.6))
     ratios = [max(3.0, 0.32 * len(labels)) for _, labels, _, _ in panels]
@@ -204,6 +204,8 @@ def plot_sweep(sweep: Mapping[str, Any], path: PathLike, title: str = "accuracy 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))
+DODGE = 0.08
+"""Horizontal offset, in steps, between the intervals of neighbouring runs."""
 ZOOM_POINTS = 15.0
 """The accuracy axis reaches at most this many points below the ANN; lower values are marked at its edge."""
 
@@ -233,14 +235,15 @@ def accuracy_figure(sweep: Mapping[str, Any], title: str) -> Figure:
     ann, n = sweep.get("ann_top1"), sweep.get("n_images")
     runs = sweep["runs"]
     lows, highs = [], []
-    for run, style in zip(runs, _styles(runs)):
+    for k, (run, style) in enumerate(zip(runs, _styles(runs))):
         steps, acc = _by_step(run["snn_top1"])
         label = run["label"] + (f" (95 % Wilson, n = {n})" if n and len(runs) == 1 else "")
         if n:
             lo, hi = zip(*(wilson_interval(a, n) for a in acc))
-            ax.errorbar(steps, [100 * a for a in acc], yerr=[[100 * (a - l) for a, l in zip(acc, lo)],
-                                                             [100 * (h - a) for a, h in zip(acc, hi)]],
-                        capsize=2, markersize=4, label=label, **style)
+            dodge = DODGE * (k - (len(runs) - 1) / 2)  # the intervals of several runs side by side
+            ax.errorbar([t + dodge for t in steps], [100 * a for a in acc],
+                        yerr=[[100 * (a - l) for a, l in zip(acc, lo)], [100 * (h - a) for a, h in zip(acc, hi)]],
+                        capsize=2, markersize=4, elinewidth=0.8, label=label, **style)
             lows += [100 * v for v in lo]
             highs += [100 * v for v in hi]
         else:
@@ -266,12 +269,8 @@ def accuracy_figure(sweep: Mapping[str, Any], title: str) -> Figure:
     pad = max(0.05 * (top - bottom), 0.2)
     bottom, top = max(bottom - pad, 0.0), min(top + pad, 100.0)
     ax.set_ylim(bottom, top)
-    for run, style in zip(runs, _styles(runs)):  # values below the zoomed axis, at its edge
-        for t, a in zip(*_by_step(run["snn_top1"], 100)):
-            if a < bottom:
-                ax.plot([t], [bottom], marker="v", color=style["color"], clip_on=False, linestyle="none")
-                ax.annotate(f"{a:.1f}", (t, bottom), textcoords="offset points", xytext=(0, 6), ha="center",
-                            fontsize="x-small", color=style["color"])
+    for k, (run, style) in enumerate(zip(runs, _styles(runs))):
+        _mark_below(ax, *_by_step(run["snn_top1"], 100), bottom, style["color"], k)
     ax.set(xlabel="time steps T", ylabel="top-1 accuracy (%)", title=title)
     _integer_steps(ax)
     ax.grid(alpha=0.3)
@@ -279,15 +278,27 @@ def accuracy_figure(sweep: Mapping[str, Any], title: str) -> Figure:
     return fig
 
 
+def _mark_below(ax: Any, xs: Sequence[float], ys: Sequence[float], bottom: float, color: str, row: int = 0) -> None:
+    """Draw the points below the zoomed y axis as triangles at its lower edge, with their value
+    (the values of run ``row`` stacked above those of the previous runs)."""
+    for x, y in zip(xs, ys):
+        if y < bottom:
+            ax.plot([x], [bottom], marker="v", color=color, clip_on=False, linestyle="none")
+            ax.annotate(f"{y:.1f}", (x, bottom), textcoords="offset points", xytext=(0, 6 + 8 * row), ha="center",
+                        fontsize="x-small", color=color)
+
+
 def accuracy_energy_figure(sweep: Mapping[str, Any], title: str) -> Figure:
     """The figure of :func:`plot_accuracy_energy`."""
     fig = Figure(figsize=(6.8, 4.4))
     ax = fig.add_subplot(1, 1, 1)
     runs = [run for run in sweep["runs"] if run.get("energy_ratio")]
+    curves = []
     for run, style in zip(runs, _styles(runs)):
         ratio = run["energy_ratio"]
         steps = [t for t in sorted(run["snn_top1"], key=int) if t in ratio]
         x, y = [ratio[t] for t in steps], [100 * run["snn_top1"][t] for t in steps]
+        curves.append((x, y, style["color"]))
         ax.plot(x, y, markersize=4, label=run["label"], **style)
         for t, xi, yi in zip(steps, x, y):
             if int(t) in (1, 2, 4) or int(t) % 4 == 0 or t == steps[-1]:
@@ -302,8 +313,13 @@ def accuracy_energy_figure(sweep: Mapping[str, Any], title: str) -> Figure:
     if ann is not None:
         ax.axhline(100 * ann, color="black", linestyle="--", linewidth=1, label=f"ANN {100 * ann:.2f} %")
         ax.axhspan(100 * ann - 1, 100 * ann + 1, color="grey", alpha=0.2, label="ANN ± 1 point")
-        ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
-        ax.set_ylim(bottom=max(100 * ann - ZOOM_POINTS, 0.0))
+        ax.axvline(1.0, color="grey", linestyle=":", linewidth=1, label="energy of the ANN")
+        lowest = min([100 * ann - 1, *(v for _, y, _ in curves for v in y)])
+        bottom = max(lowest, 100 * ann - ZOOM_POINTS)
+        bottom -= max(0.05 * (100 * ann + 1 - bottom), 0.2)
+        ax.set_ylim(bottom=bottom)
+        for k, (x, y, color) in enumerate(curves):
+            _mark_below(ax, x, y, bottom, color, k)
     ax.set(xlabel="energy ratio $E_{SNN}/E_{ANN}$ (Eq. 30, paper convention)", ylabel="top-1 accuracy (%)",
            title=title)
     ax.grid(alpha=0.3)
