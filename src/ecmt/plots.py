@@ -62,6 +62,11 @@ def plot_energy_ratio(report: Mapping[str, Any], path: PathLike) -> Path:
     Example:
         >>> plot_energy_ratio(energy_report(m), "energy.png")      # doctest: +SKIP
     """
+    return _save(energy_ratio_figure(report), path)
+
+
+def energy_ratio_figure(report: Mapping[str, Any]) -> Figure:
+    """The figure of :func:`plot_energy_ratio`."""
     fig = Figure(figsize=(9, 3.6))
     series = (("energy_ratio", "paper convention (MACs$_{SNN}$ = 0)"),
               ("energy_ratio_full", "full accounting (remaining MACs)"))
@@ -73,7 +78,7 @@ def plot_energy_ratio(report: Mapping[str, Any], path: PathLike) -> Path:
         _integer_steps(ax)
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return fig
 
 
 def plot_energy_breakdown(report: Mapping[str, Any], path: PathLike, T: Optional[int] = None) -> Path:
