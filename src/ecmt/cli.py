@@ -12,6 +12,7 @@ Subcommands:
   a file.
 * ``ecmt sweep``: accuracy against T for several numbers of levels and percentiles from one
   calibration (paper Fig. 5).
+* ``ecmt ops``: the theoretical MACs per module of an architecture (paper Table 3).
 
 Calibration data is the dataset's training split when it has one (Fashion-MNIST, MNIST);
 an image folder has none, so its calibration images are a random sample of the evaluated
@@ -20,6 +21,12 @@ images themselves (the first ``--calib-batches`` batches of the seeded random or
 ``ecmt evaluate`` (and ``demo``) also runs under ``torchrun``, with the batches shared out
 across processes (:mod:`ecmt.distributed`); with ``--out DIR`` it saves its progress after
 every batch, and ``--resume`` continues an interrupted run (:mod:`ecmt.progress`).
+
+Conventions: each subcommand takes only the options it uses, and an option that does not
+apply to the model given (an image option for a sentence encoder, or the reverse) is refused;
+results go to stdout, every message (``ecmt: wrote ...``, progress lines, errors) to stderr.
+Progress bars are drawn on terminals; where stderr is a file, plain progress lines are written
+instead (:class:`ecmt.evaluation.ProgressLog`). Library progress bars need ``--verbose``.
 
 Bad input of any kind (arguments, models, checkpoints, datasets, files) ends with one line
 ``ecmt: error: ...`` on stderr and exit status 2; ``--debug`` shows the traceback instead.
@@ -177,8 +184,8 @@ def _conversion_options(p: argparse.ArgumentParser, *, evaluated: bool = True) -
     p.add_argument("--tune", type=_positive_int, nargs="?", const=TUNE_AUTO, default=None, metavar="T",
                    help="search thresholds per site for the best output at step T, on the "
                         "calibration data only (ecmt.tune), instead of one percentile; a bare --tune "
-                        f"tunes for --T when it is at most {TUNE_AUTO_MAX}, else for {TUNE_DEFAULT}"
-                        f"{'' if evaluated else f' (ecmt convert: for {TUNE_DEFAULT})'}")
+                        + (f"tunes for --T when it is at most {TUNE_AUTO_MAX}, else for {TUNE_DEFAULT}" if evaluated
+                           else f"tunes for T = {TUNE_DEFAULT}"))
     _rule_option(p, tune=True)
 
 
@@ -503,6 +510,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.snn is not None and (args.levels is not None or args.percentile is not None or args.rule):
             raise UsageError("--levels, --percentile and --rule are fixed by the --snn file; "
                              "convert again to change them")
+        if args.snn is not None:
+            _refuse(args, ("tune", "calib_batches"), "the --snn file is calibrated already; convert again "
+                                                     "to change its thresholds")
         from .serialization import read
 
         saved = read(args.snn or out / SNN_FILE)  # type: ignore[operator]
@@ -770,7 +780,7 @@ def _energy_plots(record: dict[str, Any], energy: dict[str, Any], out: Path, ext
 
     title = f"{record.get('model')}, T = {record.get('T')}, {_setting(record)}"
     return [plots.plot_energy_ratio(energy, out / f"energy_ratio.{ext}"),
-            plots.plot_energy_breakdown(energy, out / f"energy_breakdown.{ext}"),
+            plots.plot_energy_breakdown(energy, out / f"energy_breakdown.{ext}", title=str(record.get("model"))),
             plots.plot_firing_rates(energy, out / f"firing_rates.{ext}", title=title)]
 
 
@@ -851,6 +861,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     seed_everything(args.seed)
     _check_model_name(args.model)
+    if is_text_model(args.model):
+        raise UsageError("ecmt sweep is for image classifiers; evaluate a sentence encoder at each setting "
+                         "with ecmt evaluate --percentile P --levels N")
     bundle = load_model(args.model, args.checkpoint)
     setup = _setup(args, bundle, bundle.model)
     stats, calibration = _calibrate(setup, args)

@@ -81,8 +81,11 @@ def energy_ratio_figure(report: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def plot_energy_breakdown(report: Mapping[str, Any], path: PathLike, T: Optional[int] = None) -> Path:
+def plot_energy_breakdown(report: Mapping[str, Any], path: PathLike, T: Optional[int] = None,
+                          title: Optional[str] = None) -> Path:
     """Energy per module type (summed over the blocks) of the ANN and of the SNN at T steps.
+
+    ``title`` (the model and setting) heads the figure.
 
     Example:
         >>> plot_energy_breakdown(energy_report(m), "breakdown.png", T=4)   # doctest: +SKIP
@@ -99,7 +102,7 @@ def plot_energy_breakdown(report: Mapping[str, Any], path: PathLike, T: Optional
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set(xlabel="energy per sample (µJ)", ylabel="module (summed over the blocks)",
-           title=f"energy per module, T = {T or report['steps']}")
+           title=f"{title + ': ' if title else ''}energy per module, T = {T or report['steps']}")
     ax.legend()
     return _save(fig, path)
 
