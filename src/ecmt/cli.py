@@ -705,6 +705,7 @@ def _fingerprint(args: argparse.Namespace, setup: Setup, snn: SpikingModel, imag
     """Everything the counts of an evaluation depend on: a run resumes only a run with the same."""
     stop_rule = _stop_rule(args)
     return {"model": args.model, "snn_file": args.snn, "checkpoint": args.checkpoint, "dataset": setup.data.name,
+            "class_map": getattr(args, "class_map", None),
             "images": images, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "T": args.T,
             "levels": args.levels, "percentile": args.percentile, "tune": args.tune, "rule": args.rule,
             "calib_batches": args.calib_batches, "energy_batches": args.energy_batches,
