@@ -125,7 +125,8 @@ def firing_rate_figure(report: Mapping[str, Any], title: Optional[str] = None) -
     rates = report["firing_rates"]
     levels = rates["levels"]
     panels = [("per threshold level (whole network)",
-               [f"+θ₁·{2 ** k}" for k in range(len(levels["pos"]))] + [f"−θ₂·{2 ** k}" for k in range(len(levels["neg"]))],
+               [f"+θ₁·{2 ** k}" for k in range(len(levels["pos"]))]
+               + [f"−θ₂·{2 ** k}" for k in range(len(levels["neg"]))],
                [*levels["pos"], *levels["neg"]], "threshold")]
     if rates.get("layers"):
         panels.append(("per layer", list(rates["layers"]), list(rates["layers"].values()), "layer"))

@@ -62,7 +62,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], T: int, arch: str) -> str:
 
     Args:
         rows: Records with ``snn_top1`` (and ``ann_top1``); a record's ``label`` names its row,
-            ``snn_top5`` (and ``ann_top5``) adds a top-5 row, ``energy_ratio`` (keyed by ``str(t)``) adds an energy row under it, and ``adaptive``
+            ``snn_top5`` (and ``ann_top5``) adds a top-5 row, ``energy_ratio`` (keyed by
+            ``str(t)``) an energy row under it, ``steps_within_1pt`` a column for that step if
+            the table would skip it, and ``adaptive``
             (``ecmt evaluate --adaptive``) a line under the table.
         T: The last time step simulated.
         arch: The architecture name in the first column.
