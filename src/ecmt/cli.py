@@ -843,7 +843,7 @@ def run_ops(args: argparse.Namespace) -> int:
         print(f"  {module:<{width}} {macs / 1e6:12.2f} M")
     print(f"  {'total':<{width}} {report['total_macs'] / 1e6:12.2f} M")
     if args.json:
-        write_json(report, args.json)
+        _log(f"ecmt: wrote {write_json(report, args.json)}")
     return 0
 
 
