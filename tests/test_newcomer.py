@@ -379,3 +379,12 @@ def test_top5_counts_add_across_batches_and_processes():
     no_ann = Tally(4, (1, 2), snn_correct5=(2, 3))
     assert Tally.from_tensor(no_ann.to_tensor() * 2) == Tally(8, (2, 4), snn_correct5=(4, 6))
     assert Tally.from_tensor(Tally(4, (1, 2)).to_tensor() * 3).snn_top5() is None
+
+
+def test_progress_files_written_before_top5_still_load():
+    from ecmt.evaluation import Tally
+    from ecmt.progress import Progress
+
+    old = {"format": "ecmt-progress", "fingerprint": {"T": 2}, "batches": 3, "done": 1,
+           "tally": [10, 8, 3, 7, 6, 4, 6], "measurement": None, "info": {}}  # adaptive counts, no top-5
+    assert Progress.from_dict(old).tally == Tally(10, (3, 7), 8, 6, (4, 6))

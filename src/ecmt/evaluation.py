@@ -131,9 +131,16 @@ class Tally:
                              int(self.snn_correct5 is not None), known(self.ann_correct5), *top5], dtype=torch.int64)
 
     @classmethod
-    def from_tensor(cls, t: Tensor) -> "Tally":
-        """Inverse of :meth:`to_tensor`, also of a sum of such tensors."""
-        n, ann, *rest = (int(v) for v in t.tolist())
+    def from_tensor(cls, t: Tensor, T: Optional[int] = None) -> "Tally":
+        """Inverse of :meth:`to_tensor`, also of a sum of such tensors.
+
+        Given the number of steps ``T``, also reads the layout written before top-5 counts
+        existed (``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops...]``).
+        """
+        values = [int(v) for v in t.tolist()]
+        if T is not None and len(values) == 2 * T + 3:  # no top-5 counts
+            values += [0, -1, *(0,) * T]
+        n, ann, *rest = values
         T = (len(rest) - 3) // 3
         snn, adaptive, stops = rest[:T], rest[T], rest[T + 1:2 * T + 1]
         top5, ann5, snn5 = rest[2 * T + 1], rest[2 * T + 2], rest[2 * T + 3:]

@@ -90,7 +90,7 @@ class Progress:
         """Inverse of :meth:`to_dict`, also after a round trip through JSON."""
         m = d["measurement"]
         return cls(d["fingerprint"], int(d["batches"]), int(d["done"]),
-                   Tally.from_tensor(torch.tensor(d["tally"], dtype=torch.int64)),
+                   Tally.from_tensor(torch.tensor(d["tally"], dtype=torch.int64), d["fingerprint"].get("T")),
                    None if m is None else Measurement.from_dict(m), d.get("info", {}))
 
 
