@@ -96,7 +96,7 @@ def test_evaluate_writes_json_csv_and_plots(checkpoint, folder, tmp_path, capsys
     assert set(r["energy_ratio"]) == {"1", "2", "3", "4"} and r["energy_ratio"]["4"] > r["energy_ratio"]["1"] > 0
     assert len(r["firing_rates"]["levels"]["pos"]) == 8
     assert json.loads((out / "results.json").read_text())["snn_top1"] == r["snn_top1"]
-    assert (out / "results.csv").read_text().splitlines()[0] == "t,snn_top1,ann_top1,energy_ratio,energy_ratio_full"
+    assert (out / "results.csv").read_text().splitlines()[0] == "t,snn_top1,ann_top1,snn_top5,ann_top5,energy_ratio,energy_ratio_full"
     for png in ("accuracy.png", "firing_rates.png", "energy_ratio.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out

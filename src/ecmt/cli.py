@@ -12,6 +12,7 @@ Subcommands:
   a file.
 * ``ecmt sweep``: accuracy against T for several numbers of levels and percentiles from one
   calibration (paper Fig. 5).
+* ``ecmt ops``: the theoretical MACs per module of an architecture (paper Table 3).
 
 Calibration data is the dataset's training split when it has one (Fashion-MNIST, MNIST);
 an image folder has none, so its calibration images are a random sample of the evaluated
@@ -21,12 +22,19 @@ images themselves (the first ``--calib-batches`` batches of the seeded random or
 across processes (:mod:`ecmt.distributed`); with ``--out DIR`` it saves its progress after
 every batch, and ``--resume`` continues an interrupted run (:mod:`ecmt.progress`).
 
+Conventions: each subcommand takes only the options it uses, and an option that does not
+apply to the model given (an image option for a sentence encoder, or the reverse) is refused;
+results go to stdout, every message (``ecmt: wrote ...``, progress lines, errors) to stderr.
+Progress bars are drawn on terminals; where stderr is a file, plain progress lines are written
+instead (:class:`ecmt.evaluation.ProgressLog`). Library progress bars need ``--verbose``.
+
 Bad input of any kind (arguments, models, checkpoints, datasets, files) ends with one line
 ``ecmt: error: ...`` on stderr and exit status 2; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import os
 import sys
@@ -42,17 +50,25 @@ from . import __version__, distributed
 from .adaptive import StopRule, mean_energy
 from .calibration import ActivationStats, collect_statistics
 from .conversion import SpikingModel, convert
-from .data import EvalData, open_dataset
-from .energy import energy_report, ops_report
-from .errors import ConversionError
+from .data import DATASETS, DOWNLOAD_DIR, EvalData, open_dataset
+from .energy import energy_report, ops_report, theoretical_ops
+from .errors import ConversionError, UnsupportedModelError
 from .evaluation import Tally, evaluate, images_only, loader, seed_everything, subset
-from .models import ModelBundle, load_model
+from .models import REFERENCE_MODELS, ModelBundle, load_model, model_names
 from .neurons import RULES, SpikeRule
 from .progress import PROGRESS_FILE, SNN_FILE, Progress, check_progress, evaluate_dataset, load_progress
 from .tuning import tune
 from .results import format_table, per_step_rows, steps_within, sweep_rows, table_steps, write_csv, write_json
-from .text import (convert_text, evaluate_text, is_text_model, load_text_model, read_texts, saved_text_model,
-                   text_ops_report)
+from .text import (TEXT_MODELS, convert_text, evaluate_text, is_text_model, load_text_model, packaged_texts,
+                   read_texts, saved_text_model, text_ops_report)
+
+DEFAULT_T = 16
+"""Time steps simulated by default, in every subcommand: the range of the paper's Table 1 and Fig. 5."""
+TUNE_AUTO = 0
+"""The value of a bare ``--tune``: tune for ``--T`` (see :func:`_resolve_tune`)."""
+TUNE_AUTO_MAX = 8
+TUNE_DEFAULT = 4
+PLOT_FORMATS = ("png", "pdf", "svg")
 
 DEMO_MODEL = "fmnist-vit"
 DEMO_DATASET = "fashion-mnist"
@@ -109,9 +125,18 @@ def _fraction(text: str) -> float:
 # --------------------------------------------------------------------------- options
 
 
-def _common(threads: Optional[int] = None) -> argparse.ArgumentParser:
+def _base() -> argparse.ArgumentParser:
+    """The options of every subcommand."""
     p = _Parser(add_help=False)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the progress bars of the libraries ecmt uses (transformers' loading bar)")
+    return p
+
+
+def _common(threads: Optional[int] = None) -> argparse.ArgumentParser:
+    """The options of the subcommands that run a model on data."""
+    p = _Parser(add_help=False, parents=[_base()])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help="images per batch (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image subsets and of torch (default: 0)")
@@ -121,6 +146,9 @@ def _common(threads: Optional[int] = None) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative_int, default=0, metavar="N",
                    help="data loading processes (default: 0, in the main process)")
     p.add_argument("--data-root", metavar="DIR", help="directory holding the Fashion-MNIST/MNIST IDX files")
+    p.add_argument("--download", action="store_true",
+                   help="fetch Fashion-MNIST/MNIST with torchvision into ~/.cache/ecmt when its IDX files are "
+                        "not found locally (needs the network; never done without this flag)")
     return p
 
 
@@ -132,6 +160,15 @@ def _model_options(p: argparse.ArgumentParser, *, snn_file: bool) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="weights of a timm model (.safetensors, .pth, .bin)")
     p.add_argument("--dataset", metavar="NAME|DIR",
                    help="fashion-mnist, mnist, or an ImageNet-val-style folder (default: the reference model's)")
+    _class_map_option(p)
+
+
+def _class_map_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class-map", metavar="FILE",
+                   help="image folders: the model's class index of each class directory, as JSON "
+                        "({\"dir\": index}) or text (one directory name per line, in class order, or "
+                        "'dir index' per line); default: sorted order, or the ImageNet index of "
+                        "directories named by WordNet ids (n01440764, ...) for a 1000-class model")
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
@@ -139,22 +176,24 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
                    help="calibration batches (default: 8); from the train split, else the evaluated images")
 
 
-def _conversion_options(p: argparse.ArgumentParser) -> None:
+def _conversion_options(p: argparse.ArgumentParser, *, evaluated: bool = True) -> None:
     p.add_argument("--levels", type=_positive_int, default=None, metavar="N",
                    help="thresholds per side of each MT neuron, n (default: 8)")
     p.add_argument("--percentile", type=_percentile, default=None, metavar="P",
                    help="calibration percentile p in (50, 100] (default: 99)")
-    p.add_argument("--tune", type=_positive_int, default=None, metavar="T",
+    p.add_argument("--tune", type=_positive_int, nargs="?", const=TUNE_AUTO, default=None, metavar="T",
                    help="search thresholds per site for the best output at step T, on the "
-                        "calibration data only (ecmt.tune), instead of one percentile")
-    _rule_option(p)
+                        "calibration data only (ecmt.tune), instead of one percentile; a bare --tune "
+                        + (f"tunes for --T when it is at most {TUNE_AUTO_MAX}, else for {TUNE_DEFAULT}" if evaluated
+                           else f"tunes for T = {TUNE_DEFAULT}"))
+    _rule_option(p, tune=True)
 
 
-def _rule_option(p: argparse.ArgumentParser) -> None:
+def _rule_option(p: argparse.ArgumentParser, tune: bool) -> None:
     p.add_argument("--rule", choices=RULES, default=None,
                    help="how MT neurons choose their spike: eq25 (the paper: the largest threshold reached) "
                         "or nearest (the threshold nearest to the membrane; converges faster at low T) "
-                        "(default: eq25, or nearest with --tune)")
+                        + ("(default: eq25, or nearest with --tune)" if tune else "(default: eq25)"))
 
 
 def _rule(args: argparse.Namespace) -> SpikeRule:
@@ -164,18 +203,20 @@ def _rule(args: argparse.Namespace) -> SpikeRule:
     return SpikeRule.nearest if getattr(args, "tune", None) else SpikeRule.eq25
 
 
-def _evaluation_options(p: argparse.ArgumentParser, *, T: int, out: Optional[str], limit: Optional[int],
-                        energy: bool = True) -> None:
-    p.add_argument("--T", type=_positive_int, default=T, metavar="T", help=f"time steps simulated (default: {T})")
+def _evaluation_options(p: argparse.ArgumentParser, *, out: Optional[str], limit: Optional[int],
+                        limit_why: str = "") -> None:
+    p.add_argument("--T", type=_positive_int, default=DEFAULT_T, metavar="T",
+                   help=f"time steps simulated; results are given after every step 1..T (default: {DEFAULT_T})")
     p.add_argument("--limit", type=_positive_int, default=limit, metavar="N",
-                   help="evaluate a seeded random subset of N images "
-                        f"(default: {'all' if limit is None else limit})")
+                   help="evaluate a seeded random subset of N images (sentence encoders: N sentences) "
+                        f"(default: {'all' if limit is None else limit}{limit_why})")
     p.add_argument("--out", metavar="DIR", default=out,
                    help=f"write results JSON, CSV and plots here (default: {out or 'none'})")
     p.add_argument("--json", metavar="FILE", help="write the results JSON to FILE")
-    if energy:
-        p.add_argument("--energy-batches", type=_non_negative_int, default=1, metavar="N",
-                       help="count operations and spikes on the first N batches (default: 1; 0: off)")
+    p.add_argument("--plot-format", choices=PLOT_FORMATS, default="png",
+                   help="file format of the plots in --out (default: png; pdf and svg for papers)")
+    p.add_argument("--energy-batches", type=_non_negative_int, default=1, metavar="N",
+                   help="count operations and spikes on the first N batches (default: 1; 0: off)")
 
 
 def _adaptive_options(p: argparse.ArgumentParser) -> None:
@@ -223,29 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, snn_file=True)
     _conversion_options(p)
     _calibration_options(p)
-    _evaluation_options(p, T=8, out=None, limit=None)
+    _evaluation_options(p, out=None, limit=None)
     _resume_options(p)
     _adaptive_options(p)
     _text_options(p)
-    p.set_defaults(func=run_evaluate)
+    _finish(p, run_evaluate)
 
     p = sub.add_parser("demo", parents=[_common(threads=1)], help="the reference model on Fashion-MNIST, end to end",
                        description=f"Evaluate {DEMO_MODEL} on {DEMO_LIMIT} {DEMO_DATASET} test images at T <= 16.")
     _conversion_options(p)
     _calibration_options(p)
-    _evaluation_options(p, T=16, out="ecmt-demo", limit=DEMO_LIMIT)
+    _evaluation_options(p, out="ecmt-demo", limit=DEMO_LIMIT, limit_why=": the demo finishes in minutes on 2 cores")
     _resume_options(p)
     _adaptive_options(p)
-    p.set_defaults(func=run_evaluate, model=DEMO_MODEL, dataset=DEMO_DATASET, checkpoint=None, snn=None)
+    p.set_defaults(model=DEMO_MODEL, dataset=DEMO_DATASET, checkpoint=None, snn=None, class_map=None)
+    _finish(p, run_evaluate)
 
     p = sub.add_parser("convert", parents=[_common()], help="calibrate, convert and save an SNN",
                        description="Calibrate the thresholds, convert, and save the SNN (load it with --snn).")
     _model_options(p, snn_file=False)
-    _conversion_options(p)
+    _conversion_options(p, evaluated=False)
     _calibration_options(p)
     _calib_texts_option(p)
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="the SNN file to write (.safetensors)")
-    p.set_defaults(func=run_convert)
+    _finish(p, run_convert)
 
     p = sub.add_parser("sweep", parents=[_common()], help="accuracy vs T for several levels and percentiles",
                        description="Paper Fig. 5: one calibration, one SNN per (levels, percentile) setting.")
@@ -255,23 +297,83 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of levels n (default: 4 6 8)")
     p.add_argument("--percentiles", type=_percentile, nargs="+", default=[99.0, 99.9, 99.99], metavar="P",
                    help="calibration percentiles (default: 99 99.9 99.99)")
-    _rule_option(p)
-    _evaluation_options(p, T=16, out=None, limit=1000, energy=False)
-    p.set_defaults(func=run_sweep)
+    _rule_option(p, tune=False)
+    _evaluation_options(p, out=None, limit=DEMO_LIMIT,
+                        limit_why=": the sweep simulates one SNN per setting, so it evaluates a subset "
+                                  "unless told otherwise")
+    _finish(p, run_sweep)
 
-    p = sub.add_parser("ops", parents=[_common()],
+    p = sub.add_parser("ops", parents=[_base()],
                        help="theoretical MACs per module of a timm model or sentence encoder (Table 3)",
                        description="Paper Table 3 for any timm model, from its architecture only "
                                    "(built on the meta device: no weights, no data).")
     p.add_argument("--model", required=True, metavar="NAME",
-                   help="timm model name, e.g. eva_giant_patch14_336, or a sentence encoder (minilm, a model folder)")
+                   help="timm model name, e.g. eva_giant_patch14_336, the reference model fmnist-vit, or a "
+                        "sentence encoder (minilm, a model folder)")
     p.add_argument("--img-size", type=_positive_int, metavar="N", help="input resolution (default: the model's)")
     p.add_argument("--tokens", type=_positive_int, metavar="N",
                    help="sentence encoders (--model minilm or a model folder): sentence length in tokens "
                         "(default: the model's length limit)")
     p.add_argument("--json", metavar="FILE", help="write the counts (plain integers) as JSON")
-    p.set_defaults(func=run_ops)
+    _finish(p, run_ops)
     return parser
+
+
+def _finish(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
+    """Set the handler of a subcommand, and record its defaults (to tell which options were given)."""
+    p.set_defaults(func=func)
+    p.set_defaults(defaults={a.dest: p.get_default(a.dest) for a in p._actions if a.dest != "help"})
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The options among ``names`` (dests) whose value is not their default, as ``--flags``."""
+    defaults = getattr(args, "defaults", {})
+    return [f"--{n.replace('_', '-')}" for n in names
+            if n in defaults and getattr(args, n, None) != defaults[n]]
+
+
+def _refuse(args: argparse.Namespace, names: Sequence[str], why: str) -> None:
+    """Refuse, in one line, the options among ``names`` that were given but do not apply.
+
+    Raises:
+        UsageError: One of them was given.
+    """
+    given = _given(args, names)
+    if given:
+        raise UsageError(f"{', '.join(given)}: {why}")
+
+
+IMAGE_ONLY = ("checkpoint", "dataset", "class_map", "calib_batches", "energy_batches", "workers", "data_root",
+              "download")
+"""Options (dests) that only image classifiers use."""
+TEXT_ONLY = ("calib_texts", "energy_texts")
+"""Options (dests) that only sentence encoders use."""
+
+
+def _resolve_tune(args: argparse.Namespace) -> None:
+    """A bare ``--tune``: tune for ``--T`` when it is at most 8, else (and without ``--T``) for 4."""
+    if getattr(args, "tune", None) == TUNE_AUTO:
+        T = getattr(args, "T", None)
+        args.tune = T if T is not None and T <= TUNE_AUTO_MAX else TUNE_DEFAULT
+
+
+def _check_model_name(name: Optional[str]) -> None:
+    """Refuse an unknown model name with the closest known names, whatever the subcommand.
+
+    Raises:
+        UnsupportedModelError: ``name`` is no reference model, sentence encoder, timm name or folder.
+    """
+    if name is None or name in REFERENCE_MODELS or is_text_model(name) or Path(name).exists():
+        return
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, [*REFERENCE_MODELS, *TEXT_MODELS, *model_names()], n=3, cutoff=0.6)
+    hint = (f"did you mean {', '.join(close)}?" if close else
+            f"give {', '.join([*REFERENCE_MODELS, *TEXT_MODELS])}, a model folder or a timm architecture name "
+            "(see timm.list_models())")
+    raise UnsupportedModelError(f"unknown model {name!r}; {hint}")
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -293,7 +395,13 @@ def _setup(args: argparse.Namespace, bundle: ModelBundle, ann: Optional[nn.Modul
     dataset = args.dataset or bundle.dataset
     if dataset is None:
         raise UsageError(f"--dataset is required for {bundle.name}")
-    data = open_dataset(dataset, bundle.data_config, bundle.num_classes, args.data_root)
+    if getattr(args, "download", False):
+        if dataset not in DATASETS:
+            raise UsageError(f"--download is for {' and '.join(sorted(DATASETS))}; {dataset} is a folder")
+        _log(f"ecmt: --download: {dataset} is fetched with torchvision into {DOWNLOAD_DIR} if its IDX files "
+             "are not found locally")
+    data = open_dataset(dataset, bundle.data_config, bundle.num_classes, args.data_root,
+                        class_map=getattr(args, "class_map", None), download=getattr(args, "download", False))
     return Setup(bundle, None if ann is None else ann.to(device), data, device)
 
 
@@ -309,7 +417,8 @@ def _calibrate(setup: Setup, args: argparse.Namespace,
     ids = distributed.batch_ids(distributed.count_batches(images, args.batch_size), ctx)
     batches = images_only(distributed.whole_batches(images, args.batch_size, ids, args.workers))
     stats = collect_statistics(setup.bundle.model.to(setup.device), batches, progress=_progress())
-    info = {"source": setup.data.calibration_source, "images": len(images), "batches": args.calib_batches,
+    info = {"source": setup.data.calibration_source, "images": len(images),
+            "batches": distributed.count_batches(images, args.batch_size),
             "seconds": round(time.perf_counter() - start, 1)}
     return stats, info
 
@@ -332,7 +441,8 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
               T=args.tune, levels=levels, progress=_progress(), rule=_rule(args))
     snn = convert(setup.bundle.model, th, levels=levels)
     snn.spec = setup.bundle.spec
-    info = {"source": setup.data.calibration_source, "images": len(images), "batches": args.calib_batches,
+    info = {"source": setup.data.calibration_source, "images": len(images),
+            "batches": distributed.count_batches(images, args.batch_size),
             "seconds": round(time.perf_counter() - start, 1), "tuned": dict(th.meta)}
     return snn, info
 
@@ -346,6 +456,22 @@ def _convert(setup: Setup, stats: ActivationStats, levels: int, percentile: floa
 def _progress() -> Optional[bool]:
     """Progress bars on terminals only (tqdm's ``disable=None``), and only in rank 0."""
     return None if sys.stderr.isatty() and distributed.is_main() else False
+
+
+def _progress_log() -> Optional[Callable[[str], None]]:
+    """Plain progress lines where stderr is no terminal (a log file), only in rank 0; else None."""
+    return _log if not sys.stderr.isatty() and distributed.is_main() else None
+
+
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    """transformers' progress bars (\"Loading weights\") and warnings only with ``--verbose``."""
+    from transformers.utils import logging as hf_logging
+
+    if getattr(args, "verbose", False):
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _batches(setup: Setup, args: argparse.Namespace) -> Any:
@@ -363,12 +489,17 @@ def _log(message: str) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """``ecmt evaluate`` and ``ecmt demo``."""
     stop_rule = _stop_rule(args)
+    _check_model_name(args.model)
+    _resolve_tune(args)
     if getattr(args, "texts", None) is not None or is_text_model(args.model) or _is_text_snn(args.snn):
         if stop_rule is not None:
             raise UsageError("--adaptive needs a classifier: a sentence encoder has no top-1 class to settle")
         if args.resume or distributed.launched():
             raise UsageError("a sentence encoder is evaluated in one go, in one process: no --resume, no torchrun")
+        _refuse(args, IMAGE_ONLY, "these options are for image classifiers, not for a sentence encoder "
+                                  "(its sentences: --texts, --calib-texts, --energy-texts)")
         return run_text_evaluate(args)
+    _refuse(args, TEXT_ONLY, "these options are for sentence encoders (--model minilm or a model folder)")
     start = time.perf_counter()
     ctx = distributed.init(args.device)
     seed_everything(args.seed)
@@ -379,6 +510,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.snn is not None and (args.levels is not None or args.percentile is not None or args.rule):
             raise UsageError("--levels, --percentile and --rule are fixed by the --snn file; "
                              "convert again to change them")
+        if args.snn is not None:
+            _refuse(args, ("tune", "calib_batches"), "the --snn file is calibrated already; convert again "
+                                                     "to change its thresholds")
         from .serialization import read
 
         saved = read(args.snn or out / SNN_FILE)  # type: ignore[operator]
@@ -407,7 +541,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             fingerprint=fingerprint,
                             measure_batches=args.energy_batches, stop_rule=stop_rule, workers=args.workers,
                             start=resumed, path=None if out is None else out / PROGRESS_FILE,
-                            info={"calibration": calibration}, progress=_progress())
+                            info={"calibration": calibration}, progress=_progress(),
+                            top5=_has_top5(setup), log=_progress_log())
     if not ctx.is_main:
         return 0
     tally, measurement = done.tally, done.measurement
@@ -427,6 +562,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_top5(setup: Setup) -> bool:
+    """Top-5 is reported for classifiers of more than 5 classes (below, it is trivially 100 %)."""
+    return setup.bundle.num_classes > 5
+
+
 def _is_text_snn(path: Optional[str]) -> bool:
     """True when ``path`` is an SNN file of a sentence encoder (``ecmt convert --model minilm``)."""
     if path is None:
@@ -440,7 +580,9 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
     """``ecmt evaluate`` on a sentence encoder: cosine and rank agreement of SNN to ANN embeddings."""
     start = time.perf_counter()
     seed_everything(args.seed)
-    texts = None if args.texts is None else read_texts(args.texts)
+    _quiet_libraries(args)
+    texts = _text_subset(packaged_texts("heldout") if args.texts is None else read_texts(args.texts),
+                         args.limit, args.seed)
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
     if args.tune and args.percentile is not None:
         raise UsageError("--tune chooses the percentiles itself; drop --percentile")
@@ -465,17 +607,16 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
                            tune=args.tune, snn=snn, energy_texts=args.energy_texts,
                            rule=None if snn is not None else _rule(args))
     energy = record.pop("energy", None)
-    record.update(snn_file=args.snn, seconds=round(time.perf_counter() - start, 1))
+    record.update(snn_file=args.snn, limit=args.limit, seed=args.seed, seconds=round(time.perf_counter() - start, 1))
     written = [write_json(record, args.json)] if args.json else []
     if args.out:
         from . import plots  # matplotlib is imported only when plotting
 
-        out = Path(args.out)
-        written += [write_json(record, out / "results.json"), plots.plot_text_fidelity(record, out / "fidelity.png")]
+        out, ext = Path(args.out), args.plot_format
+        written += [write_json(record, out / "results.json"),
+                    plots.plot_text_fidelity(record, out / f"fidelity.{ext}")]
         if energy is not None:
-            written += [write_json(energy, out / "energy.json"),
-                        plots.plot_energy_ratio(energy, out / "energy_ratio.png"),
-                        plots.plot_firing_rates(energy, out / "firing_rates.png")]
+            written += [write_json(energy, out / "energy.json"), *_energy_plots(record, energy, out, ext)]
     for path in written:
         _log(f"ecmt: wrote {path}")
     ratio = record.get("energy_ratio")
@@ -490,21 +631,32 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_subset(texts: list[str], limit: Optional[int], seed: int) -> list[str]:
+    """All ``texts``, or a random subset of ``limit`` of them drawn with ``seed`` (as for images)."""
+    if limit is None or limit >= len(texts):
+        return texts
+    g = torch.Generator().manual_seed(seed)
+    return [texts[i] for i in torch.randperm(len(texts), generator=g)[:limit].tolist()]
+
+
 def run_text_convert(args: argparse.Namespace) -> int:
     """``ecmt convert`` on a sentence encoder: calibrate (or tune) on sentences and save the SNN."""
     from .serialization import save
 
+    _refuse(args, IMAGE_ONLY, "these options are for image classifiers; a sentence encoder is calibrated "
+                              "on --calib-texts")
     if args.tune and args.percentile is not None:
         raise UsageError("--tune chooses the percentiles itself; drop --percentile")
     seed_everything(args.seed)
+    _quiet_libraries(args)
     tm = load_text_model(args.model, args.device)
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
     snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
                        batch_size=args.batch_size, rule=_rule(args))
     path = save(snn, args.output, ann=tm.model)
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
-    print(f"wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
-          f"rule {snn.thresholds.rule}, calibrated on {args.calib_texts or 'the packaged calibration sentences'}")
+    _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
+         f"rule {snn.thresholds.rule}, calibrated on {args.calib_texts or 'the packaged calibration sentences'}")
     return 0
 
 
@@ -553,6 +705,7 @@ def _fingerprint(args: argparse.Namespace, setup: Setup, snn: SpikingModel, imag
     """Everything the counts of an evaluation depend on: a run resumes only a run with the same."""
     stop_rule = _stop_rule(args)
     return {"model": args.model, "snn_file": args.snn, "checkpoint": args.checkpoint, "dataset": setup.data.name,
+            "class_map": getattr(args, "class_map", None),
             "images": images, "limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "T": args.T,
             "levels": args.levels, "percentile": args.percentile, "tune": args.tune, "rule": args.rule,
             "calib_batches": args.calib_batches, "energy_batches": args.energy_batches,
@@ -580,11 +733,14 @@ def _within(record: dict[str, Any]) -> str:
 def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Tally,
             calibration: Optional[dict[str, Any]]) -> dict[str, Any]:
     snn_top1 = {str(t): acc for t, acc in tally.snn_top1().items()}
+    top5 = tally.snn_top5()
     return {
         "model": setup.bundle.name,
         "dataset": setup.data.name,
         "ann_top1": tally.ann_top1,
         "snn_top1": snn_top1,
+        "ann_top5": tally.ann_top5,
+        "snn_top5": None if top5 is None else {str(t): acc for t, acc in top5.items()},
         "T": args.T,
         "levels": snn.levels,
         "percentile": snn.thresholds.percentile,
@@ -601,34 +757,55 @@ def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Ta
 
 
 def _write_record(args: argparse.Namespace, record: dict[str, Any], stem: str, rows: list[dict[str, Any]],
-                  plot: Callable[[Path], Path], extra: Callable[[Path], list[Path]] = lambda out: []) -> None:
-    """Write ``--json FILE`` and, in ``--out DIR``, ``<stem>.json``, ``<stem>.csv``, the plot and ``extra``."""
+                  plots: Callable[[Path, str], list[Path]]) -> None:
+    """Write ``--json FILE`` and, in ``--out DIR``, ``<stem>.json``, ``<stem>.csv`` and the ``plots(out, ext)``."""
     written = [write_json(record, args.json)] if args.json else []
     if args.out:
         out = Path(args.out)
-        written += [write_json(record, out / f"{stem}.json"), write_csv(rows, out / f"{stem}.csv"), plot(out),
-                    *extra(out)]
+        written += [write_json(record, out / f"{stem}.json"), write_csv(rows, out / f"{stem}.csv"),
+                    *plots(out, args.plot_format)]
     for path in written:
         _log(f"ecmt: wrote {path}")
+
+
+def _setting(record: dict[str, Any]) -> str:
+    """The threshold setting of a record, in words, for plot titles."""
+    tuned = (record.get("calibration") or {}).get("tuned") or record.get("tuned")
+    setting = f"tuned for T = {tuned['tuned_T']}" if tuned else f"p = {record.get('percentile')}"
+    return f"n = {record.get('levels')}, {setting}, rule {record.get('rule')}"
+
+
+def _energy_plots(record: dict[str, Any], energy: dict[str, Any], out: Path, ext: str) -> list[Path]:
+    """The energy figures of an evaluation: ratio against T, per module, firing rates."""
+    from . import plots  # matplotlib is imported only when plotting
+
+    title = f"{record.get('model')}, T = {record.get('T')}, {_setting(record)}"
+    return [plots.plot_energy_ratio(energy, out / f"energy_ratio.{ext}"),
+            plots.plot_energy_breakdown(energy, out / f"energy_breakdown.{ext}", title=str(record.get("model"))),
+            plots.plot_firing_rates(energy, out / f"firing_rates.{ext}", title=title)]
 
 
 def _write_evaluation(args: argparse.Namespace, record: dict[str, Any], energy: Optional[dict[str, Any]]) -> None:
     from . import plots  # matplotlib is imported only when plotting
 
-    def energy_files(out: Path) -> list[Path]:
+    def figures(out: Path, ext: str) -> list[Path]:
+        labelled = {**record, "label": f"SNN, {_setting(record)}"}
+        written = [plots.plot_accuracy(labelled, out / f"accuracy.{ext}")]
         if energy is None:
-            return []
-        return [write_json(energy, out / "energy.json"), plots.plot_energy_ratio(energy, out / "energy_ratio.png"),
-                plots.plot_firing_rates(energy, out / "firing_rates.png")]
+            return written
+        return [*written, plots.plot_accuracy_energy(labelled, out / f"accuracy_energy.{ext}",
+                                                     title=f"{record['model']} on {record['dataset']}"),
+                write_json(energy, out / "energy.json"), *_energy_plots(record, energy, out, ext)]
 
-    _write_record(args, record, "results", per_step_rows(record),
-                  lambda out: plots.plot_accuracy(record, out / "accuracy.png"), energy_files)
+    _write_record(args, record, "results", per_step_rows(record), figures)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """``ecmt convert``."""
     from .serialization import save
 
+    _check_model_name(args.model)
+    _resolve_tune(args)
     if is_text_model(args.model) or args.calib_texts is not None:
         return run_text_convert(args)
     seed_everything(args.seed)
@@ -636,7 +813,7 @@ def run_convert(args: argparse.Namespace) -> int:
     setup = _setup(args, bundle, bundle.model)
     snn, calibration = _calibrated_snn(setup, args)
     path = save(snn, args.output, ann=bundle.model)
-    print(f"wrote {path}: {bundle.name}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
+    _log(f"ecmt: wrote {path}: {bundle.name}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
           f"p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}, calibrated on {calibration['images']} images "
           f"({calibration['source']})")
     return 0
@@ -644,14 +821,17 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_ops(args: argparse.Namespace) -> int:
     """``ecmt ops``: MACs per module of one block and of the whole model, per sample."""
+    _check_model_name(args.model)
     if is_text_model(args.model):
         if args.img_size is not None:
             raise UsageError("--img-size is for image models; give a sentence encoder's length with --tokens")
+        _quiet_libraries(args)
         report = text_ops_report(args.model, args.tokens)
     else:
         if args.tokens is not None:
             raise UsageError("--tokens is for sentence encoders (--model minilm or a model folder)")
-        report = ops_report(args.model, args.img_size)
+        report = _reference_ops(args.model, args.img_size) if args.model in REFERENCE_MODELS else \
+            ops_report(args.model, args.img_size)
     dims = report["dims"]
     print(f"{report['model']}: N = {dims['tokens']}, C = {dims['channels']}, N_h = {dims['heads']}, "
           f"C_h = {dims['hidden']}, {dims['blocks']} blocks, input {tuple(report['input_size'])}")
@@ -663,14 +843,28 @@ def run_ops(args: argparse.Namespace) -> int:
         print(f"  {module:<{width}} {macs / 1e6:12.2f} M")
     print(f"  {'total':<{width}} {report['total_macs'] / 1e6:12.2f} M")
     if args.json:
-        write_json(report, args.json)
+        _log(f"ecmt: wrote {write_json(report, args.json)}")
     return 0
+
+
+def _reference_ops(name: str, img_size: Optional[int]) -> dict[str, Any]:
+    """``ecmt ops`` for a reference model: its own architecture, at its own input size."""
+    if img_size is not None:
+        raise UsageError(f"--img-size: {name} takes its training input size only")
+    bundle = load_model(name)
+    size = tuple(bundle.data_config["input_size"])
+    return {"model": name, "input_size": list(size),
+            **theoretical_ops(bundle.model, torch.zeros(1, *size)).to_dict()}
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``ecmt sweep``: every (levels, percentile) setting from one calibration's histograms."""
     start = time.perf_counter()
     seed_everything(args.seed)
+    _check_model_name(args.model)
+    if is_text_model(args.model):
+        raise UsageError("ecmt sweep is for image classifiers; evaluate a sentence encoder at each setting "
+                         "with ecmt evaluate --percentile P --levels N")
     bundle = load_model(args.model, args.checkpoint)
     setup = _setup(args, bundle, bundle.model)
     stats, calibration = _calibrate(setup, args)
@@ -679,12 +873,18 @@ def run_sweep(args: argparse.Namespace) -> int:
         for percentile in args.percentiles:
             snn = _convert(setup, stats, levels, percentile, _rule(args))
             ann = setup.ann if not runs else None  # the ANN is evaluated once
-            tally, _ = evaluate(ann, snn, _batches(setup, args), args.T, device=setup.device,
-                                progress=_progress(), desc=f"n={levels} p={percentile:g}")
+            label = f"n={levels} p={percentile:g}"
+            tally, measurement = evaluate(ann, snn, _batches(setup, args), args.T, device=setup.device,
+                                          progress=_progress(), desc=label, measure_batches=args.energy_batches,
+                                          log=_progress_log())
             ann_top1 = tally.ann_top1 if ann is not None else ann_top1
             n_images = tally.n
-            runs.append({"levels": levels, "percentile": percentile, "label": f"n={levels} p={percentile:g}",
-                         "snn_top1": {str(t): a for t, a in tally.snn_top1().items()}})
+            run = {"levels": levels, "percentile": percentile, "label": label,
+                   "snn_top1": {str(t): a for t, a in tally.snn_top1().items()}}
+            if measurement is not None and measurement.steps:
+                energy = energy_report(measurement)
+                run.update(energy_ratio=energy["energy_ratio"], energy_ratio_full=energy["energy_ratio_full"])
+            runs.append(run)
             _log(f"ecmt: n = {levels}, p = {percentile:g}: SNN top-1 at T = {args.T}: "
                  f"{100 * tally.snn_top1()[args.T]:.2f}%")
     for run in runs:
@@ -696,8 +896,15 @@ def run_sweep(args: argparse.Namespace) -> int:
               "runs": runs, "seconds": round(time.perf_counter() - start, 1), "ecmt_version": __version__}
     from . import plots  # matplotlib is imported only when plotting
 
-    _write_record(args, record, "sweep", sweep_rows(record),
-                  lambda out: plots.plot_sweep(record, out / "sweep.png", title=f"{bundle.name} on {setup.data.name}"))
+    title = f"{bundle.name} on {setup.data.name}"
+
+    def figures(out: Path, ext: str) -> list[Path]:
+        written = [plots.plot_sweep(record, out / f"sweep.{ext}", title=title)]
+        if all(run.get("energy_ratio") for run in runs):
+            written.append(plots.plot_accuracy_energy(record, out / f"accuracy_energy.{ext}", title=title))
+        return written
+
+    _write_record(args, record, "sweep", sweep_rows(record), figures)
     print(format_table(runs, args.T, bundle.name))
     for run in runs:
         print(f"{run['label']}: {_within({**run, 'T': args.T})}")
@@ -722,9 +929,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        if args.device == "cuda" and not torch.cuda.is_available():
+        if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu")
-        if args.threads is not None:
+        if getattr(args, "threads", None) is not None:
             torch.set_num_threads(args.threads)
         handler: Callable[[argparse.Namespace], int] = args.func
         if distributed.launched() and handler is not run_evaluate:

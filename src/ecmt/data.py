@@ -10,11 +10,13 @@ Search order for the files of a dataset:
 1. the ``root`` argument, when given;
 2. the directory named by the ``ECMT_DATA_DIR`` environment variable (both the
    directory itself and its ``<name>`` subdirectory are tried);
-3. the system location ``/usr/share/datasets/<name>``.
+3. the system location ``/usr/share/datasets/<name>``;
+4. a previous ``download=True`` (``ecmt --download``) in ``~/.cache/ecmt``.
 
-If no files are found, torchvision's downloader is tried as a last resort
-(into ``~/.cache/ecmt``); if that fails too, a :class:`FileNotFoundError` lists
-every path searched.
+The network is never reached without ``download=True``: if no files are found, a
+:class:`FileNotFoundError` lists every path searched and the ways to get the files that
+exist (the Debian package ``dataset-fashion-mnist``; MNIST has no Debian package). With
+``download=True``, torchvision's downloader fetches them into ``~/.cache/ecmt``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ DATASETS: dict[str, dict] = {
     },
     "mnist": {
         "system_dir": "/usr/share/datasets/mnist",
-        "debian_package": "dataset-mnist",
+        "debian_package": None,  # Debian packages Fashion-MNIST only
         "torchvision_class": "MNIST",
         "mean": (0.1307,),
         "std": (0.3081,),
@@ -129,6 +131,7 @@ def candidate_roots(name: str, root: str | os.PathLike | None = None) -> list[Pa
     if env_dir:
         roots += [Path(env_dir), Path(env_dir) / name]
     roots.append(Path(DATASETS[name]["system_dir"]))
+    roots.append(DOWNLOAD_DIR / DATASETS[name]["torchvision_class"] / "raw")  # where download=True puts them
     unique: list[Path] = []
     for r in roots:
         if r not in unique:
@@ -155,6 +158,10 @@ def find_idx_file(roots: Sequence[Path], stem: str) -> Path | None:
     return None
 
 
+DOWNLOAD_DIR = Path.home() / ".cache" / "ecmt"
+"""Where ``download=True`` (``ecmt --download``) puts Fashion-MNIST and MNIST."""
+
+
 def _load_with_torchvision(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Downloads a dataset with torchvision into ``~/.cache/ecmt``.
 
@@ -168,15 +175,14 @@ def _load_with_torchvision(name: str, split: str) -> tuple[torch.Tensor, torch.T
     import torchvision  # imported lazily: only needed for the fallback
 
     cls = getattr(torchvision.datasets, DATASETS[name]["torchvision_class"])
-    cache = Path.home() / ".cache" / "ecmt"
-    ds = cls(str(cache), train=(split == "train"), download=True)
+    ds = cls(str(DOWNLOAD_DIR), train=(split == "train"), download=True)
     images = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
     labels = ds.targets.to(torch.int64)
     return images, labels
 
 
 def load_raw_split(
-    name: str, split: str, root: str | os.PathLike | None = None
+    name: str, split: str, root: str | os.PathLike | None = None, download: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loads one split of a dataset as raw tensors.
 
@@ -184,6 +190,8 @@ def load_raw_split(
         name: ``"fashion-mnist"`` or ``"mnist"``.
         split: ``"train"`` or ``"test"``.
         root: Optional directory holding the IDX files (searched first).
+        download: Fetch the files with torchvision into ``~/.cache/ecmt`` when they are not
+            found locally (network). Without it the network is never used.
 
     Returns:
         ``(images, labels)``: ``uint8`` images of shape ``[N, 1, 28, 28]`` and
@@ -191,8 +199,8 @@ def load_raw_split(
 
     Raises:
         ValueError: If ``name`` or ``split`` is unknown.
-        FileNotFoundError: If the files are neither found locally nor
-            downloadable.
+        FileNotFoundError: If the files are not found locally (and, with ``download``, the
+            download failed).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
@@ -211,16 +219,20 @@ def load_raw_split(
                 f"{lbl_path} has {labels.shape[0]} labels"
             )
         return images.contiguous(), labels
+    searched = ", ".join(str(r) for r in roots)
+    if not download:
+        package = DATASETS[name]["debian_package"]
+        ways = [f"install the Debian package {package} (apt-get install {package})"] if package else []
+        ways += [f"put {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] in --data-root DIR or "
+                 "ECMT_DATA_DIR", f"add --download to fetch them with torchvision into {DOWNLOAD_DIR} (network)"]
+        raise FileNotFoundError(f"{name} ({split}) IDX files not found (searched {searched}): "
+                                + "; or ".join(ways))
     try:
         return _load_with_torchvision(name, split)
     except Exception as exc:  # network errors, missing torchvision, ...
-        searched = ", ".join(str(r) for r in roots)
         raise FileNotFoundError(
-            f"{name} ({split}) IDX files not found. Searched: {searched}. "
-            f"Install the Debian package '{DATASETS[name]['debian_package']}', "
-            f"set ECMT_DATA_DIR to a directory holding the files, or allow "
-            f"torchvision to download them into {Path.home() / '.cache' / 'ecmt'} "
-            f"(download failed: {exc})"
+            f"{name} ({split}) IDX files not found (searched {searched}) and the download into "
+            f"{DOWNLOAD_DIR} failed: {exc}"
         ) from exc
 
 
@@ -308,6 +320,7 @@ def load_idx_dataset(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    download: bool = False,
 ) -> IdxDataset:
     """Loads a dataset split as an :class:`IdxDataset`.
 
@@ -318,6 +331,7 @@ def load_idx_dataset(
         mean: Normalization mean; defaults to the dataset's training mean.
         std: Normalization std; defaults to the dataset's training std.
         transform: Optional callable applied to each normalized image.
+        download: See :func:`load_raw_split`.
 
     Returns:
         The dataset; items are ``(float32 [1, 28, 28], int64 label)``.
@@ -326,7 +340,7 @@ def load_idx_dataset(
         ValueError: If ``name`` or ``split`` is unknown.
         FileNotFoundError: If the dataset files cannot be found or downloaded.
     """
-    images, labels = load_raw_split(name, split, root)
+    images, labels = load_raw_split(name, split, root, download)
     info = DATASETS[name]
     return IdxDataset(
         images,
@@ -361,35 +375,51 @@ class EvalData:
 
 
 def open_dataset(name: str, data_config: Mapping[str, Any], num_classes: int,
-                 root: str | os.PathLike | None = None) -> EvalData:
+                 root: str | os.PathLike | None = None, *, class_map: str | os.PathLike | None = None,
+                 download: bool = False) -> EvalData:
     """Opens a dataset by name, or an image folder by path, preprocessed for a model.
 
     Args:
         name: ``"fashion-mnist"``, ``"mnist"`` (IDX files, see :func:`load_raw_split`), or a
             directory in ImageNet validation layout: one subdirectory of images per class,
-            classes numbered in sorted order of their names.
+            classes numbered in sorted order of their names; or, for a 1000-class model whose
+            directories are all ImageNet WordNet ids (``n01440764``, ...), by their ImageNet
+            index, so that a subset of ImageNet val works.
         data_config: The model's preprocessing (``input_size``, ``mean``, ``std``, and for
             image folders ``interpolation``, ``crop_pct``, ``crop_mode``), as in
             :class:`ecmt.models.ModelBundle`.
         num_classes: The model's number of classes; the dataset must have as many.
         root: Directory holding the IDX files (searched first).
+        class_map: Image folders: a file giving the model's class index of each directory
+            (see :func:`read_class_map`), instead of their sorted order.
+        download: Fashion-MNIST and MNIST: fetch the files when not found (see
+            :func:`load_raw_split`).
 
     Raises:
         DatasetError: Unknown name, missing or empty data, or data that does not fit the model.
+
+    Example:
+        >>> from ecmt.models import load_model
+        >>> bundle = load_model("fmnist-vit")
+        >>> data = open_dataset("fashion-mnist", bundle.data_config, bundle.num_classes)   # doctest: +SKIP
+        >>> len(data.test), data.calibration_source                                         # doctest: +SKIP
+        (10000, 'train split')
     """
     from .errors import DatasetError
 
     if name in DATASETS:
-        return _open_idx(name, data_config, num_classes, root)
+        if class_map is not None:
+            raise DatasetError(f"--class-map is for image folders; {name} has its own labels")
+        return _open_idx(name, data_config, num_classes, root, download)
     if Path(name).is_dir():
-        return _open_folder(Path(name), data_config, num_classes)
+        return _open_folder(Path(name), data_config, num_classes, class_map)
     reason = "a file, not a directory" if Path(name).exists() else "no such dataset or directory"
     raise DatasetError(f"unknown dataset {name!r} ({reason}): give one of {', '.join(sorted(DATASETS))} "
                        "or a directory of class subdirectories (ImageNet val layout)")
 
 
 def _open_idx(name: str, data_config: Mapping[str, Any], num_classes: int,
-              root: str | os.PathLike | None) -> EvalData:
+              root: str | os.PathLike | None, download: bool = False) -> EvalData:
     from .errors import DatasetError
 
     size = tuple(data_config["input_size"])
@@ -398,7 +428,8 @@ def _open_idx(name: str, data_config: Mapping[str, Any], num_classes: int,
     splits = {}
     for split in ("test", "train"):
         try:
-            splits[split] = load_idx_dataset(name, split, root, data_config["mean"], data_config["std"])
+            splits[split] = load_idx_dataset(name, split, root, data_config["mean"], data_config["std"],
+                                             download=download)
         except (FileNotFoundError, ValueError) as e:
             raise DatasetError(" ".join(str(e).split())) from None
     if len(splits["test"]) == 0:
@@ -409,7 +440,8 @@ def _open_idx(name: str, data_config: Mapping[str, Any], num_classes: int,
     return EvalData(name, splits["test"], splits["train"], "train split", classes)
 
 
-def _open_folder(path: Path, data_config: Mapping[str, Any], num_classes: int) -> EvalData:
+def _open_folder(path: Path, data_config: Mapping[str, Any], num_classes: int,
+                 class_map: str | os.PathLike | None = None) -> EvalData:
     from PIL import Image
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
@@ -429,7 +461,79 @@ def _open_folder(path: Path, data_config: Mapping[str, Any], num_classes: int) -
     except (FileNotFoundError, OSError) as e:
         raise DatasetError(f"{path}: {' '.join(str(e).split())} (expected ImageNet val layout: one "
                            "subdirectory of images per class)") from None
-    if len(ds.classes) != num_classes:
-        raise DatasetError(f"{path} has {len(ds.classes)} class directories but the model predicts "
-                           f"{num_classes} classes (expected ImageNet val layout: one directory per class)")
+    mapping = read_class_map(class_map) if class_map is not None else None
+    if mapping is None and len(ds.classes) != num_classes and num_classes == IMAGENET_CLASSES:
+        mapping = imagenet_class_map(ds.classes)
+    if mapping is None:
+        if len(ds.classes) != num_classes:
+            raise DatasetError(f"{path} has {len(ds.classes)} class directories but the model predicts "
+                               f"{num_classes} classes (expected ImageNet val layout: one directory per class; "
+                               "give the model's class index of each directory with --class-map FILE)")
+        return EvalData(str(path), ds, ds, "evaluation set", num_classes)
+    missing = [c for c in ds.classes if c not in mapping]
+    if missing:
+        raise DatasetError(f"{path}: the class map gives no class index for {len(missing)} director"
+                           f"{'y' if len(missing) == 1 else 'ies'}: {', '.join(missing[:5])}")
+    bad = sorted({mapping[c] for c in ds.classes if not 0 <= mapping[c] < num_classes})
+    if bad:
+        raise DatasetError(f"{path}: the class map gives indices outside 0..{num_classes - 1}: {bad[:5]}")
+    index = [mapping[c] for c in ds.classes]  # ImageFolder's label -> the model's class index
+    ds.samples = [(file, index[t]) for file, t in ds.samples]
+    ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
     return EvalData(str(path), ds, ds, "evaluation set", num_classes)
+
+
+IMAGENET_CLASSES = 1000
+
+
+def imagenet_class_map(directories: Sequence[str]) -> dict[str, int] | None:
+    """The ImageNet-1k class index of each directory named by its WordNet id, or None.
+
+    The index is the position of the WordNet id in the sorted list of the 1000 ImageNet-1k
+    ids (timm's ``imagenet_synsets.txt``): the order every ImageNet classifier is trained
+    in. None when a directory is not one of those ids.
+    """
+    from timm.data import ImageNetInfo
+
+    synsets = ImageNetInfo("imagenet-1k").label_names()
+    index = {s: i for i, s in enumerate(synsets)}
+    return {d: index[d] for d in directories} if all(d in index for d in directories) else None
+
+
+def read_class_map(path: str | os.PathLike) -> dict[str, int]:
+    """Read a class map: directory name -> the model's class index.
+
+    Formats: a JSON object ``{"dir": index}``; or text, one class per line, either
+    ``dir index`` or ``dir`` alone (then its line number, from 0, is its index, as in
+    timm's ``imagenet_synsets.txt``). Blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        DatasetError: The file is missing or malformed.
+    """
+    import json
+
+    from .errors import DatasetError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read class map {path}: {' '.join(str(e).split())}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+            return {str(k): int(v) for k, v in mapping.items()}
+        except (ValueError, TypeError, AttributeError):
+            raise DatasetError(f"class map {path}: expected a JSON object of directory -> class index") from None
+    mapping, position = {}, 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
+            raise DatasetError(f"class map {path}, line {number}: expected 'dir' or 'dir index', got {line.strip()!r}")
+        mapping[fields[0]] = int(fields[1]) if len(fields) == 2 else position
+        position += 1
+    if not mapping:
+        raise DatasetError(f"class map {path} is empty")
+    return mapping

@@ -15,9 +15,10 @@ Example:
 from __future__ import annotations
 
 import random
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ class Tally:
             (:mod:`ecmt.adaptive`), or None without a stopping rule.
         adaptive_stops: ``adaptive_stops[t-1]``: images that stopped at step t (None without
             a stopping rule).
+        snn_correct5: ``snn_correct5[t-1]``: images whose label is among the SNN's 5 highest
+            outputs after t steps (None for models of at most 5 classes, where top-5 is trivial).
+        ann_correct5: The same for the ANN (None without an ANN or top-5).
     """
 
     n: int
@@ -53,11 +57,14 @@ class Tally:
     ann_correct: Optional[int] = None
     adaptive_correct: Optional[int] = None
     adaptive_stops: Optional[tuple[int, ...]] = None
+    snn_correct5: Optional[tuple[int, ...]] = None
+    ann_correct5: Optional[int] = None
 
     @classmethod
-    def zero(cls, T: int, with_ann: bool = True, adaptive: bool = False) -> "Tally":
-        """The empty tally for T steps (with the adaptive counts if ``adaptive``)."""
-        return cls(0, (0,) * T, 0 if with_ann else None, 0 if adaptive else None, (0,) * T if adaptive else None)
+    def zero(cls, T: int, with_ann: bool = True, adaptive: bool = False, top5: bool = False) -> "Tally":
+        """The empty tally for T steps (with the adaptive counts if ``adaptive``, top-5 if ``top5``)."""
+        return cls(0, (0,) * T, 0 if with_ann else None, 0 if adaptive else None, (0,) * T if adaptive else None,
+                   (0,) * T if top5 else None, 0 if top5 and with_ann else None)
 
     @property
     def T(self) -> int:
@@ -68,9 +75,13 @@ class Tally:
             raise ValueError(f"cannot add tallies of {self.T} and {other.T} steps")
         ann = None if self.ann_correct is None or other.ann_correct is None else self.ann_correct + other.ann_correct
         adaptive = self.adaptive_stops is not None and other.adaptive_stops is not None
+        top5 = self.snn_correct5 is not None and other.snn_correct5 is not None
+        ann5 = top5 and self.ann_correct5 is not None and other.ann_correct5 is not None
         return Tally(self.n + other.n, _add(self.snn_correct, other.snn_correct), ann,
                      self.adaptive_correct + other.adaptive_correct if adaptive else None,  # type: ignore[operator]
-                     _add(self.adaptive_stops, other.adaptive_stops) if adaptive else None)  # type: ignore[arg-type]
+                     _add(self.adaptive_stops, other.adaptive_stops) if adaptive else None,  # type: ignore[arg-type]
+                     _add(self.snn_correct5, other.snn_correct5) if top5 else None,  # type: ignore[arg-type]
+                     self.ann_correct5 + other.ann_correct5 if ann5 else None)  # type: ignore[operator]
 
     @property
     def ann_top1(self) -> Optional[float]:
@@ -80,6 +91,17 @@ class Tally:
     def snn_top1(self) -> dict[int, float]:
         """SNN top-1 accuracy in [0, 1] after each step t = 1..T."""
         return {t: c / max(self.n, 1) for t, c in enumerate(self.snn_correct, start=1)}
+
+    @property
+    def ann_top5(self) -> Optional[float]:
+        """ANN top-5 accuracy in [0, 1] (None without an ANN or top-5)."""
+        return None if self.ann_correct5 is None else self.ann_correct5 / max(self.n, 1)
+
+    def snn_top5(self) -> Optional[dict[int, float]]:
+        """SNN top-5 accuracy in [0, 1] after each step t = 1..T (None without top-5)."""
+        if self.snn_correct5 is None:
+            return None
+        return {t: c / max(self.n, 1) for t, c in enumerate(self.snn_correct5, start=1)}
 
     @property
     def adaptive_top1(self) -> Optional[float]:
@@ -97,21 +119,34 @@ class Tally:
         return None if self.adaptive_steps is None else self.adaptive_steps / max(self.n, 1)
 
     def to_tensor(self) -> Tensor:
-        """``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops...]`` as int64,
-        for summing across processes; -1 stands for None, and absent stops are zeros."""
-        ann = -1 if self.ann_correct is None else self.ann_correct
-        adaptive = -1 if self.adaptive_correct is None else self.adaptive_correct
+        """``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops..., top5, ann_correct5,
+        snn_correct5...]`` as int64, for summing across processes; -1 stands for None (``top5``:
+        0 without top-5 counts, 1 with), and absent counts are zeros."""
+        def known(v: Optional[int]) -> int:
+            return -1 if v is None else v
+
         stops = self.adaptive_stops or (0,) * self.T
-        return torch.tensor([self.n, ann, *self.snn_correct, adaptive, *stops], dtype=torch.int64)
+        top5 = self.snn_correct5 or (0,) * self.T
+        return torch.tensor([self.n, known(self.ann_correct), *self.snn_correct, known(self.adaptive_correct), *stops,
+                             int(self.snn_correct5 is not None), known(self.ann_correct5), *top5], dtype=torch.int64)
 
     @classmethod
-    def from_tensor(cls, t: Tensor) -> "Tally":
-        """Inverse of :meth:`to_tensor`, also of a sum of such tensors."""
-        n, ann, *rest = (int(v) for v in t.tolist())
-        T = (len(rest) - 1) // 2
-        snn, adaptive, stops = rest[:T], rest[T], rest[T + 1:]
+    def from_tensor(cls, t: Tensor, T: Optional[int] = None) -> "Tally":
+        """Inverse of :meth:`to_tensor`, also of a sum of such tensors.
+
+        Given the number of steps ``T``, also reads the layout written before top-5 counts
+        existed (``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops...]``).
+        """
+        values = [int(v) for v in t.tolist()]
+        if T is not None and len(values) == 2 * T + 3:  # no top-5 counts
+            values += [0, -1, *(0,) * T]
+        n, ann, *rest = values
+        T = (len(rest) - 3) // 3
+        snn, adaptive, stops = rest[:T], rest[T], rest[T + 1:2 * T + 1]
+        top5, ann5, snn5 = rest[2 * T + 1], rest[2 * T + 2], rest[2 * T + 3:]
         return cls(n, tuple(snn), ann if ann >= 0 else None, adaptive if adaptive >= 0 else None,
-                   tuple(stops) if adaptive >= 0 else None)
+                   tuple(stops) if adaptive >= 0 else None, tuple(snn5) if top5 > 0 else None,
+                   ann5 if top5 > 0 and ann5 >= 0 else None)
 
 
 def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -155,30 +190,43 @@ def images_only(batches: Iterable[Any]) -> Iterable[Tensor]:
 
 @torch.no_grad()
 def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tensor, T: int,
-                   stop_rule: Optional[StopRule] = None) -> Tally:
+                   stop_rule: Optional[StopRule] = None, top5: bool = False) -> Tally:
     """Count the correct classifications of one batch, by the ANN and by the SNN at each t ≤ T.
 
     With ``stop_rule``, also those of the SNN at each image's stop step, decided from the same
-    simulation's running outputs, and the number of images stopping at each step.
+    simulation's running outputs, and the number of images stopping at each step; with
+    ``top5``, also the images whose label is among the 5 highest outputs.
     """
-    ann_correct = None if ann is None else int((ann(x).argmax(-1) == y).sum())
+    ann_out = None if ann is None else ann(x)
+    ann_correct = None if ann_out is None else int((ann_out.argmax(-1) == y).sum())
+    ann_correct5 = None if ann_out is None or not top5 else _in_top5(ann_out, y)
     tracker = None if stop_rule is None else StopTracker(stop_rule)
-    snn_correct = []
+    snn_correct, snn_correct5 = [], []
     for out in simulate_steps(snn, x, T):
         snn_correct.append(int((out.argmax(-1) == y).sum()))
+        if top5:
+            snn_correct5.append(_in_top5(out, y))
         if tracker is not None:
             tracker.update(out)
+    n, top5_counts = int(y.shape[0]), tuple(snn_correct5) if top5 else None
     if tracker is None:
-        return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct)
+        return Tally(n, tuple(snn_correct), ann_correct, snn_correct5=top5_counts, ann_correct5=ann_correct5)
     steps, preds = tracker.result()
     stops = torch.bincount(steps.flatten() - 1, minlength=T).tolist()
-    return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct, int((preds == y).sum()), tuple(stops))
+    return Tally(n, tuple(snn_correct), ann_correct, int((preds == y).sum()), tuple(stops), top5_counts,
+                 ann_correct5)
+
+
+def _in_top5(out: Tensor, y: Tensor) -> int:
+    """How many labels ``y`` are among the 5 highest of their row of ``out``."""
+    return int((out.topk(5, dim=-1).indices == y.unsqueeze(-1)).any(-1).sum())
 
 
 def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tuple[Any, Tensor]], T: int, *,
              device: torch.device = torch.device("cpu"), measure_batches: int = 0,
              progress: bool = True, desc: str = "evaluating",
-             stop_rule: Optional[StopRule] = None) -> tuple[Tally, Optional[Measurement]]:
+             stop_rule: Optional[StopRule] = None, top5: bool = False,
+             log: Optional[Callable[[str], None]] = None) -> tuple[Tally, Optional[Measurement]]:
     """Evaluate the ANN and the SNN on every batch.
 
     Args:
@@ -193,6 +241,9 @@ def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tupl
         desc: Progress bar label.
         stop_rule: Also count the SNN's accuracy and steps with adaptive time steps
             (:mod:`ecmt.adaptive`), from the same simulations.
+        top5: Also count top-5 classifications (for models of more than 5 classes).
+        log: Where to write plain progress lines (:class:`ProgressLog`), for logs that are not
+            terminals; None: none.
 
     Returns:
         The tally, and the operation counts (:class:`ecmt.energy.Measurement`) of the measured batches (None if
@@ -202,10 +253,11 @@ def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tupl
         InvalidInputError: ``device`` is not available, or see :func:`ecmt.simulate`.
     """
     device = resolve_device(device)
-    tally = Tally.zero(T, with_ann=ann is not None, adaptive=stop_rule is not None)
+    tally = Tally.zero(T, with_ann=ann is not None, adaptive=stop_rule is not None, top5=top5)
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(batches, desc=desc, total=total, disable=None if progress is None else not progress, unit="batch",
                dynamic_ncols=True)
+    lines = None if log is None or total is None else ProgressLog(total, log, desc=desc)
     counter = OpCounter(snn) if measure_batches > 0 else None
     with ExitStack() as measuring:
         if counter is not None:
@@ -213,8 +265,10 @@ def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tupl
         for i, (x, y) in enumerate(bar):
             if i == measure_batches:
                 measuring.close()  # counting stops: hooks removed, spike counters off
-            tally += evaluate_batch(ann, snn, to_device(x, device), y.to(device), T, stop_rule)
+            tally += evaluate_batch(ann, snn, to_device(x, device), y.to(device), T, stop_rule, top5)
             bar.set_postfix_str(_running(tally), refresh=False)
+            if lines is not None:
+                lines.update(i + 1, tally)
     return tally, None if counter is None else counter.result()
 
 
@@ -223,3 +277,50 @@ def _running(tally: Tally) -> str:
     if tally.adaptive_top1 is not None:
         snn += f" adaptive {100 * tally.adaptive_top1:.2f}%@{tally.mean_steps:.2f}"
     return snn if tally.ann_top1 is None else f"ann {100 * tally.ann_top1:.2f}% {snn}"
+
+
+class ProgressLog:
+    """Plain progress lines for a log file, where a progress bar writes nothing useful.
+
+    A line is written when another tenth of the batches is done or ``every`` seconds have
+    passed since the last line, whichever comes first, and at the end: the batches and images
+    done, the running accuracies and the time left.
+
+    Args:
+        total: Number of batches of the whole evaluation.
+        log: Writes one line (e.g. to stderr).
+        every: Seconds between lines at most.
+        start: Batches already done when counting starts (a resumed run).
+        desc: What is being evaluated, at the start of each line.
+    """
+
+    def __init__(self, total: int, log: Callable[[str], None], every: float = 30.0, start: int = 0,
+                 desc: str = "evaluating") -> None:
+        self.total, self.log, self.every, self.desc = total, log, every, desc
+        self.start = self.last_done = start
+        self.began = self.last_time = time.monotonic()
+
+    def update(self, done: int, tally: Tally) -> None:
+        """Report ``done`` batches finished, with the counts ``tally`` so far, if a line is due."""
+        now = time.monotonic()
+        tenth = max(self.total // 10, 1)
+        due = done >= self.total or done // tenth > self.last_done // tenth or now - self.last_time >= self.every
+        if not due or done <= self.last_done:
+            return
+        self.last_done, self.last_time = done, now
+        elapsed = now - self.began
+        left = elapsed / max(done - self.start, 1) * (self.total - done)
+        self.log(f"ecmt: {self.desc}: {done}/{self.total} batches ({100 * done / max(self.total, 1):.0f} %, "
+                 f"{tally.n} images), {_running(tally)}; {_duration(elapsed)} elapsed, "
+                 f"{_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ from .conversion import SpikingModel
 from .distributed import Context, all_gather, all_reduce_sum, batch_ids, count_batches, whole_batches
 from .energy import Measurement
 from .errors import ResumeError
-from .evaluation import Tally, _running, evaluate
+from .evaluation import ProgressLog, Tally, _running, evaluate
 
 FORMAT = "ecmt-progress"
 PROGRESS_FILE = "progress.json"
@@ -90,7 +90,7 @@ class Progress:
         """Inverse of :meth:`to_dict`, also after a round trip through JSON."""
         m = d["measurement"]
         return cls(d["fingerprint"], int(d["batches"]), int(d["done"]),
-                   Tally.from_tensor(torch.tensor(d["tally"], dtype=torch.int64)),
+                   Tally.from_tensor(torch.tensor(d["tally"], dtype=torch.int64), d["fingerprint"].get("T")),
                    None if m is None else Measurement.from_dict(m), d.get("info", {}))
 
 
@@ -141,7 +141,8 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
                      fingerprint: Mapping[str, Any], ctx: Context = Context(), measure_batches: int = 0,
                      stop_rule: Optional[StopRule] = None, workers: int = 0, start: Optional[Progress] = None,
                      path: Optional[Path] = None, info: Optional[Mapping[str, Any]] = None,
-                     progress: Optional[bool] = True) -> Progress:
+                     progress: Optional[bool] = True, top5: bool = False,
+                     log: Optional[Callable[[str], None]] = None) -> Progress:
     """Evaluate the ANN and the SNN on every batch of ``dataset``, from where ``start`` ended.
 
     Under ``torchrun`` every rank calls this with the same arguments; each evaluates its own
@@ -163,6 +164,9 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
         path: Where rank 0 writes the progress after every round (None: nowhere).
         info: Saved with the progress (for a fresh start; a resumed run keeps ``start``'s).
         progress: Progress bar on rank 0 (tqdm's ``disable=not progress``; None: on terminals).
+        top5: Also count top-5 classifications.
+        log: Where rank 0 writes plain progress lines (:class:`ecmt.evaluation.ProgressLog`),
+            for logs that are not terminals; None: none.
 
     Returns:
         The finished progress: tally and measurement of the whole dataset.
@@ -174,18 +178,19 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
     if start is not None:
         check_progress(start, fingerprint, path or Path(PROGRESS_FILE))
     # the empty tally of this configuration (ANN or not, adaptive or not)
-    empty, _ = evaluate(ann, snn, [], T, progress=False, stop_rule=stop_rule)
+    empty, _ = evaluate(ann, snn, [], T, progress=False, stop_rule=stop_rule, top5=top5)
     state = start or Progress(dict(fingerprint), total, 0, empty, None, dict(info or {}))
     if path is not None and ctx.is_main and start is None:
         save_progress(state, path)
     mine = iter(whole_batches(dataset, batch_size, batch_ids(total, ctx, state.done), workers))
     bar = tqdm(total=total, initial=state.done, desc="evaluating", unit="batch", dynamic_ncols=True,
                disable=True if not ctx.is_main else (None if progress is None else not progress))
+    lines = ProgressLog(total, log, start=state.done) if log is not None and ctx.is_main else None
     for first in range(state.done, total, ctx.world_size):
         i = first + ctx.rank
         batch = [next(mine)] if i < total else []
         part, measured = evaluate(ann, snn, batch, T, device=ctx.device, progress=False, stop_rule=stop_rule,
-                                  measure_batches=int(bool(batch) and i < measure_batches))
+                                  measure_batches=int(bool(batch) and i < measure_batches), top5=top5)
         part = Tally.from_tensor(all_reduce_sum(part.to_tensor().to(ctx.device)).cpu())
         measurement = state.measurement
         if first < measure_batches:
@@ -198,5 +203,7 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
             save_progress(state, path)
         bar.update(state.done - bar.n)
         bar.set_postfix_str(_running(state.tally), refresh=False)
+        if lines is not None:
+            lines.update(state.done, state.tally)
     bar.close()
     return state

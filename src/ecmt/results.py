@@ -16,21 +16,41 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 
-PAPER_STEPS = (1, 2, 4, 6, 8, 10, 12)
-"""The time steps of the paper's Table 1."""
+EVERY_STEP_UP_TO = 8
+"""The table shows every time step up to this one."""
 
 
-def table_steps(T: int) -> list[int]:
-    """The columns of the table for simulations of T steps: the paper's, then every 4th, and T."""
-    steps = [t for t in PAPER_STEPS if t <= T] + list(range(16, T + 1, 4))
-    return steps if T in steps else steps + [T]
+def table_steps(T: int, extra: Iterable[Optional[int]] = ()) -> list[int]:
+    """The columns of the table for simulations of T steps.
+
+    Every step up to 8, then the paper's 10 and 12, every 4th from 16, T itself, and the
+    steps of ``extra`` (e.g. the step a summary line names), so that a summary never cites a
+    step the table leaves out.
+    """
+    steps = {*range(1, min(T, EVERY_STEP_UP_TO) + 1), *(t for t in (10, 12) if t <= T), *range(16, T + 1, 4), T}
+    steps.update(t for t in extra if t is not None and 1 <= t <= T)
+    return sorted(steps)
 
 
 def steps_within(snn_top1: Mapping[str, float], ann_top1: Optional[float], points: float = 1.0) -> Optional[int]:
-    """The smallest t whose SNN accuracy is at most ``points`` percentage points below the ANN's."""
+    """The first t from which the SNN stays within ``points`` percentage points of the ANN.
+
+    Every step from t to the last one simulated must be at most ``points`` below the ANN's
+    accuracy: a later dip moves t past the dip. None when the last step is not within.
+
+    Example:
+        >>> steps_within({"1": 0.50, "2": 0.4375, "3": 0.5, "4": 0.5625}, 0.5)
+        3
+    """
     if ann_top1 is None:
         return None
-    return next((int(t) for t in sorted(snn_top1, key=int) if snn_top1[t] >= ann_top1 - points / 100), None)
+    first = None
+    for t in sorted(snn_top1, key=int):
+        if snn_top1[t] >= ann_top1 - points / 100 - 1e-12:
+            first = int(t) if first is None else first
+        else:
+            first = None
+    return first
 
 
 def _pct(v: Optional[float]) -> str:
@@ -42,18 +62,22 @@ def format_table(rows: Sequence[Mapping[str, Any]], T: int, arch: str) -> str:
 
     Args:
         rows: Records with ``snn_top1`` (and ``ann_top1``); a record's ``label`` names its row,
-            ``energy_ratio`` (keyed by ``str(t)``) adds an energy row under it, and ``adaptive``
+            ``snn_top5`` (and ``ann_top5``) adds a top-5 row, ``energy_ratio`` (keyed by
+            ``str(t)``) an energy row under it, ``steps_within_1pt`` a column for that step if
+            the table would skip it, and ``adaptive``
             (``ecmt evaluate --adaptive``) a line under the table.
         T: The last time step simulated.
         arch: The architecture name in the first column.
     """
-    steps = table_steps(T)
+    steps = table_steps(T, (row.get("steps_within_1pt") for row in rows))
     header = ["Arch.", "Metric", "ANN", *[f"T={t}" for t in steps]]
     lines = []
     for i, row in enumerate(rows):
         first = arch if i == 0 else ""
         label = f"Acc. (%) {row['label']}" if "label" in row else "Acc. (%)"
         lines.append([first, label, _pct(row.get("ann_top1")), *[_pct(row["snn_top1"][str(t)]) for t in steps]])
+        if row.get("snn_top5"):
+            lines.append(["", "Top-5 (%)", _pct(row.get("ann_top5")), *[_pct(row["snn_top5"][str(t)]) for t in steps]])
         if row.get("energy_ratio"):
             ratio = row["energy_ratio"]
             lines.append(["", "Energy ratio", "1", *[f"{ratio[str(t)]:.2f}" if str(t) in ratio else "n/a"
@@ -100,13 +124,14 @@ def per_step_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """CSV rows of an evaluation record: one per time step."""
     energy = record.get("energy_ratio") or {}
     energy_full = record.get("energy_ratio_full") or {}
-    return [{"t": int(t), "snn_top1": acc, "ann_top1": record.get("ann_top1"),
-             "energy_ratio": energy.get(t), "energy_ratio_full": energy_full.get(t)}
+    top5 = record.get("snn_top5") or {}
+    return [{"t": int(t), "snn_top1": acc, "ann_top1": record.get("ann_top1"), "snn_top5": top5.get(t),
+             "ann_top5": record.get("ann_top5"), "energy_ratio": energy.get(t), "energy_ratio_full": energy_full.get(t)}
             for t, acc in sorted(record["snn_top1"].items(), key=lambda kv: int(kv[0]))]
 
 
 def sweep_rows(sweep: Mapping[str, Any]) -> list[dict[str, Any]]:
     """CSV rows of a sweep record: one per setting and time step."""
     return [{"levels": run["levels"], "percentile": run["percentile"], "t": int(t), "snn_top1": acc,
-             "ann_top1": sweep.get("ann_top1")}
+             "ann_top1": sweep.get("ann_top1"), "energy_ratio": (run.get("energy_ratio") or {}).get(t)}
             for run in sweep["runs"] for t, acc in sorted(run["snn_top1"].items(), key=lambda kv: int(kv[0]))]
