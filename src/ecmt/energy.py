@@ -309,14 +309,14 @@ def theoretical_ops(model: nn.Module, example: Example) -> OpTable:
     finally:
         for h in handles:
             h.remove()
-    return OpTable({k: v // batch for k, v in macs.items()}, kinds, _dims(net, shapes))
+    return OpTable({k: v // batch for k, v in macs.items()}, kinds, _dims(net, shapes, kinds))
 
 
-def _dims(net: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+def _dims(net: nn.Module, shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str]) -> dict[str, int]:
     """N, C, Nh, head width, Ch and depth, read from the first attention block."""
     attn = [(name, m) for name, m in net.named_modules() if isinstance(m, SpikingAttention)]
     if not attn:
-        return {}
+        return _graph_dims(net, shapes, kinds)
     name, m = attn[0]
     block = split_block(name)[0]
     qkv = f"{name}.qkv"
@@ -325,6 +325,24 @@ def _dims(net: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, in
     widths = [sub.linear.out_features for path, sub in net.named_modules()
               if isinstance(sub, SpikingLinear) and block and split_block(path)[0] == block and path != qkv]
     if widths:  # Ch: the widest Linear of the block besides qkv (the MLP's first layer)
+        dims["hidden"] = max(widths)
+    return dims
+
+
+def _graph_dims(net: nn.Module, shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str]) -> dict[str, int]:
+    """The same sizes for a converted graph, read from the operand of its first matrix product (q)."""
+    products = [name for name, kind in kinds.items() if kind == "matmul"]
+    if not products or len(shapes[products[0]]) < 3:
+        return {}
+    q = shapes[products[0]]  # (B, heads, N, head_dim), or (B, N, head_dim)
+    heads = q[-3] if len(q) >= 4 else 1
+    dims = {"tokens": q[-2], "channels": heads * q[-1], "heads": heads, "head_dim": q[-1],
+            "blocks": len({split_block(n)[0] for n in products})}
+    block = split_block(products[0])[0]
+    widths = [sub.linear.out_features for path, sub in net.named_modules()
+              if isinstance(sub, SpikingLinear) and block and split_block(path)[0] == block
+              and sub.linear.out_features not in (dims["channels"], 3 * dims["channels"])]
+    if widths:  # Ch: the widest Linear of the block besides q, k, v and the projection
         dims["hidden"] = max(widths)
     return dims
 
