@@ -61,7 +61,7 @@ def classify(gm: fx.GraphModule) -> dict[fx.Node, Time]:
 def _analog_kind(node: fx.Node) -> Kind | None:
     """The kind of a node none of whose inputs is dynamic (only weighted layers and shapes matter)."""
     target = rules.packet(node)
-    if target in rules.SHAPE_OPS or rules._is_symbolic(node):
+    if target in rules.SHAPE_OPS or rules.is_symbolic(node):
         return Kind.SHAPE
     if target in rules.WEIGHTED_OPS or target is rules.aten.embedding:
         return Kind.WEIGHTED  # embedding: a token embedding is the encoding layer of a text model

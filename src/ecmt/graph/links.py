@@ -8,6 +8,8 @@ linear ops between them then act on running means, which is exact as they are af
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
@@ -15,7 +17,7 @@ from ..compensation import ExpectationCompensation, MatMulEC
 from ..layers import SpikingLinear
 from ..neurons import MTNeuron
 from . import rules
-from .rules import Kind
+from .classify import Time
 
 
 def _producer(m: nn.Module) -> bool:
@@ -71,7 +73,7 @@ def link_graph(gm: fx.GraphModule, dtype: torch.dtype) -> int:
 
 def _passes(node: fx.Node, x: fx.Node) -> bool:
     """Whether ``node`` is linear and ``x`` is its only input that varies over time."""
-    if rules.packet(node) not in rules.LINEAR_OPS and rules.packet(node) is not __import__("operator").getitem:
+    if rules.packet(node) not in rules.LINEAR_OPS and node.target is not operator.getitem:
         return False
     if rules.packet(node) in (rules.aten.add, rules.aten.sub, rules.aten.cat, rules.aten.stack, rules.aten.where):
         others = [a for a in node.all_input_nodes if a is not x]
@@ -82,7 +84,5 @@ def _passes(node: fx.Node, x: fx.Node) -> bool:
 
 def _constant_in_time(n: fx.Node) -> bool:
     """Inputs that the rewrite left as graph ops on constants or the analog input."""
-    from .classify import Time
-
     t = n.meta.get("ecmt_time")
     return t is not None and t is not Time.DYNAMIC

@@ -119,7 +119,7 @@ def kind_of(node: fx.Node, dynamic: Callable[[Any], bool]) -> Optional[Kind]:
         return Kind.LINEAR
     if target in IGNORED_OPS:
         return Kind.IGNORED
-    if target in SHAPE_OPS or _is_symbolic(node):
+    if target in SHAPE_OPS or is_symbolic(node):
         return Kind.SHAPE
     if target in ATTENTION_OPS:
         return Kind.ATTENTION
@@ -147,7 +147,7 @@ def kind_of(node: fx.Node, dynamic: Callable[[Any], bool]) -> Optional[Kind]:
     return None
 
 
-def _is_symbolic(node: fx.Node) -> bool:
+def is_symbolic(node: fx.Node) -> bool:
     """A node computing a Python number (shape arithmetic on SymInts)."""
     val = node.meta.get("val")
     return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) and not isinstance(
