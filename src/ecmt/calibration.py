@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .conversion import build_spiking
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_max, all_reduce_sum
 from .errors import CalibrationError, ConversionError, InvalidInputError
 from .fusion import fusable
 from .state import reset_net
@@ -105,16 +105,32 @@ class SiteObserver(nn.Module):
         batch_mask: Holds the attention mask of the text batch being observed (see
             :func:`collect_statistics`); activations at padded positions are not counted
             (:func:`real_tokens`). None: everything counts.
+        scale: Per-channel scales (``[C]``, the last dimension): the activations are divided
+            by them before they are counted (per-channel calibration, second pass).
+        track_max: Record the largest magnitude per channel in ``channel_max`` instead of
+            the histogram (per-channel calibration, first pass).
     """
 
-    def __init__(self, batch_mask: Optional[BatchMask] = None) -> None:
+    def __init__(self, batch_mask: Optional[BatchMask] = None, scale: Optional[Tensor] = None,
+                 track_max: bool = False) -> None:
         super().__init__()
         self.batch_mask = batch_mask
+        self.scale = scale
+        self.track_max = track_max
+        self.channel_max: Optional[Tensor] = None
         self.register_buffer("counts", torch.zeros(BUCKETS, dtype=torch.int64))
 
     def forward(self, x: Tensor) -> Tensor:
-        buckets = _bucket_of(x, numel=x.numel())
         keep = real_tokens(x, self.batch_mask.mask) if self.batch_mask is not None else None
+        if self.track_max:
+            a = x.detach().abs().float()
+            if keep is not None:
+                a = a * keep
+            m = a.reshape(-1, a.shape[-1]).amax(0)  # (C,)
+            self.channel_max = m if self.channel_max is None else torch.maximum(self.channel_max, m)
+            return x
+        y = x if self.scale is None else x.detach().float() / self.scale.to(x.device)
+        buckets = _bucket_of(y, numel=y.numel())
         if keep is not None:
             buckets = buckets.masked_select(keep)
         self.counts += torch.bincount(buckets.flatten(), minlength=BUCKETS)
@@ -161,6 +177,19 @@ class ActivationStats:
 
     counts: dict[str, Tensor]
     example: Optional[dict] = None  # the signature of the inputs (ecmt.graph.capture.signature)
+    scales: Optional[dict[str, Tensor]] = None  # per-channel scales: counts are of x / scale (per_channel)
+
+    def apply_scales(self, th: Thresholds) -> Thresholds:
+        """Thresholds found on the scaled activations, for the activations themselves:
+        ``θ_c = scale_c · θ`` at every per-channel site (Algorithm 1, step 1, per channel)."""
+        if not self.scales:
+            return th
+        sites = dict(th.sites)
+        for name, scale in self.scales.items():
+            a, b = sites[name]
+            values = scale.double().tolist()
+            sites[name] = (tuple(a * v for v in values), tuple(b * v for v in values))
+        return replace(th, sites=sites)
 
     def quantile(self, site: str, q: float) -> float:
         return histogram_quantile(self.counts[site], q)
@@ -184,7 +213,7 @@ class ActivationStats:
         """
         _check_percentile(percentile)
         sites = {name: self.site_thresholds(name, percentile) for name in self.counts}
-        th = Thresholds(sites, percentile, example=self.example)
+        th = self.apply_scales(Thresholds(sites, percentile, example=self.example))
         return th.with_overrides(overrides) if overrides else th
 
 
@@ -287,7 +316,8 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches: Optional[int] = None,
-                       progress: bool = False, example: Any = None, path: str = "auto") -> ActivationStats:
+                       progress: bool = False, example: Any = None, path: str = "auto",
+                       per_channel: bool = False) -> ActivationStats:
     """Run the ANN over ``batches`` and histogram the activation at every spiking site.
 
     The sites are the input of every Linear and both operands of every matrix product. In
@@ -300,6 +330,11 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
         max_batches: Stop after this many batches.
         progress: Show a progress bar.
         example, path: How the model is converted (see :func:`ecmt.conversion.build_spiking`).
+        per_channel: At the inputs of Linear layers (sites ``*.neuron``), histogram each
+            channel's activations divided by the channel's largest magnitude (found in a first
+            pass over the batches), so that a percentile there scales per channel
+            (:meth:`ActivationStats.apply_scales`): a few outlier channels, 10-100x larger than
+            the rest (LLMs), then no longer take all the levels of their site.
 
     Under ``torchrun`` each rank passes its own share of the batches; the histograms are
     summed across ranks, so every rank gets the statistics of the whole calibration set.
@@ -308,6 +343,52 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
         CalibrationError: No batch was given, an input holds NaN/Inf or does not fit the
             model, or the model's activations do.
     """
+    from .graph.capture import signature
+
+    if per_channel:  # two passes: the largest magnitude per channel, then the scaled histograms
+        batches = list(batches if max_batches is None else itertools.islice(batches, max_batches))
+        maxima = _channel_maxima(model, batches, example=example, path=path)
+        scales = {n: torch.where(m > 0, m, torch.ones_like(m)) for n, m in maxima.items()}
+        stats = _histograms(model, batches, None, progress, example, path, scales)
+        return ActivationStats(stats.counts, stats.example, scales)
+    return _histograms(model, batches, max_batches, progress, example, path, None)
+
+
+def _is_linear_input(name: str) -> bool:
+    """Sites at the input of a Linear layer are named ``<layer>.neuron``."""
+    return name.endswith(".neuron")
+
+
+def _channel_maxima(model: nn.Module, batches: list, *, example: Any, path: str) -> dict[str, Tensor]:
+    """The largest magnitude per channel (last dimension) at every Linear input, over ``batches``."""
+    observers: dict[str, SiteObserver] = {}
+    batch_mask = BatchMask()
+
+    def make(name: str) -> nn.Module:
+        observers[name] = SiteObserver(batch_mask, track_max=_is_linear_input(name))
+        return observers[name]
+
+    if example is None and batches:
+        example = model_input(batches[0])
+    net = build_spiking(model, make, example=example, path=path)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    net.to(device)
+    for batch in batches:
+        x = to_device(model_input(batch), device)
+        batch_mask.set(x)
+        reset_net(net)
+        with input_errors(x, "the calibration input", CalibrationError):
+            net(**x) if isinstance(x, Mapping) else net(x)
+    out = {}
+    for name, obs in observers.items():
+        if obs.track_max and obs.channel_max is not None:
+            m = obs.channel_max.clone()
+            out[name] = all_reduce_max(m)
+    return out
+
+
+def _histograms(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int], progress: bool,
+                example: Any, path: str, scales: Optional[dict[str, Tensor]]) -> ActivationStats:
     from .graph.capture import signature
 
     observers: dict[str, SiteObserver] = {}
@@ -321,7 +402,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
             example = model_input(first)
 
     def make_observer(name: str) -> nn.Module:
-        observers[name] = SiteObserver(batch_mask)
+        observers[name] = SiteObserver(batch_mask, scale=(scales or {}).get(name))
         return observers[name]
 
     net = build_spiking(model, make_observer, example=example, path=path)
@@ -352,7 +433,7 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any], *, max_batches:
 
 def calibrate(model: nn.Module, batches: Iterable[Any], percentile: float = 99.0,
               overrides: Optional[Mapping[str, Override]] = None, *, max_batches: Optional[int] = None,
-              progress: bool = False, example: Any = None, path: str = "auto") -> Thresholds:
+              progress: bool = False, example: Any = None, path: str = "auto", per_channel: bool = False) -> Thresholds:
     """Base thresholds at every site from the activation percentiles (Algorithm 1, step 1).
 
     Args:
@@ -365,6 +446,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], percentile: float = 99.0
         progress: Show a progress bar.
         example, path: How the model is converted (see :func:`ecmt.conversion.build_spiking`);
             give :func:`ecmt.convert` the same.
+        per_channel: Base thresholds per input channel of every Linear layer (see
+            :func:`collect_statistics`); other sites keep one pair.
 
     Example:
         >>> th = ecmt.calibrate(vit, loader, percentile=99.0, max_batches=8)   # doctest: +SKIP
@@ -372,5 +455,6 @@ def calibrate(model: nn.Module, batches: Iterable[Any], percentile: float = 99.0
         (1.93, 2.05)
     """
     _check_percentile(percentile)
-    stats = collect_statistics(model, batches, max_batches=max_batches, progress=progress, example=example, path=path)
+    stats = collect_statistics(model, batches, max_batches=max_batches, progress=progress, example=example, path=path,
+                               per_channel=per_channel)
     return stats.thresholds(percentile, overrides)

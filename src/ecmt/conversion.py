@@ -12,7 +12,7 @@ from . import registry
 from .compensation import ExpectationCompensation
 from .errors import ConversionError, InvalidInputError, ThresholdError, UnsupportedModelError
 from .layers import SiteFactory, SpikingLinear
-from .neurons import MTNeuron, SpikeRule, check_rule
+from .neurons import MTNeuron, SpikeRule, _theta, check_rule
 from .state import Stateful, stateful_modules
 from .thresholds import Thresholds
 
@@ -195,7 +195,11 @@ def set_thresholds(snn: SpikingModel, thresholds: Thresholds) -> None:
     for name, neuron in snn.neurons():
         if name not in thresholds:
             raise ThresholdError(f"no threshold for site {name}")
-        neuron.theta.copy_(torch.tensor(thresholds[name], dtype=torch.float32))
+        theta = _theta(*thresholds[name])
+        if theta.shape != neuron.theta.shape:
+            raise ThresholdError(f"site {name}: thresholds of shape {tuple(theta.shape)} for a neuron built with "
+                                 f"{tuple(neuron.theta.shape)}: convert again")
+        neuron.theta.copy_(theta)
         neuron._refresh()
     snn.thresholds = thresholds
 

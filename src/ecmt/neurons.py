@@ -129,8 +129,10 @@ class MTNeuron(Stateful):
     ``T·x̄(T) + v``, and ``t`` counts the steps since the last reset.
 
     Args:
-        theta_pos: Positive base threshold θ1 (>= 0).
-        theta_neg: Magnitude of the negative base threshold θ2 (>= 0).
+        theta_pos: Positive base threshold θ1 (>= 0); a sequence of C values gives per-channel
+            thresholds, one per channel of the input's last dimension (outlier channels of
+            LLM activations get their own scale).
+        theta_neg: Magnitude of the negative base threshold θ2 (>= 0); per channel likewise.
         levels: n, the number of thresholds on each side.
         rule: How the spike is chosen (:class:`SpikeRule`): ``"eq25"`` (the paper) or ``"nearest"``.
 
@@ -147,7 +149,7 @@ class MTNeuron(Stateful):
         super().__init__()
         if levels < 1:
             raise InvalidInputError(f"levels must be a positive integer, got {levels}")
-        theta = torch.tensor([float(theta_pos), float(theta_neg)], dtype=torch.float32)
+        theta = _theta(theta_pos, theta_neg)
         if not torch.isfinite(theta).all() or (theta < 0).any():
             raise ThresholdError(f"thresholds must be finite and >= 0, got {theta.tolist()}")
         self.levels = levels
@@ -182,23 +184,32 @@ class MTNeuron(Stateful):
         return out
 
     @property
+    def per_channel(self) -> bool:
+        """Whether the base thresholds are per channel (the last dimension of the input)."""
+        return self.theta.dim() == 2
+
+    @property
     def theta_pos(self) -> float:
-        return float(self.theta[0])
+        """θ1 (for per-channel thresholds: their largest value)."""
+        return float(self.theta[0].max())
 
     @property
     def theta_neg(self) -> float:
-        return float(self.theta[1])
+        """θ2 (for per-channel thresholds: their largest value)."""
+        return float(self.theta[1].max())
 
     def thresholds(self) -> Tensor:
-        """The 2n thresholds λ_1..λ_2n of Eq. 19, positive side first."""
+        """The 2n thresholds λ_1..λ_2n of Eq. 19, positive side first (``[2n, C]`` per channel)."""
         k = torch.exp2(torch.arange(self.levels, dtype=torch.float32, device=self.theta.device))
+        if self.per_channel:  # (2n, C)
+            return torch.cat([k[:, None] * self.theta[0], -k[:, None] * self.theta[1]])
         return torch.cat([self.theta[0] * k, -self.theta[1] * k])
 
     def forward(self, x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         """One time step. ``dtype``: that of the spikes when ``mean_input`` is set (else that of ``x``)."""
         if self.v is None:
             self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
-        v, xf = flat(self.v, x)
+        v, xf = (self.v, x) if self.per_channel else flat(self.v, x)  # per channel: thresholds broadcast
         if self.mean_input:
             self.t += 1
             out = mt_step_mean(v, xf, self.t, *self._theta_signed, *self._inv_signed, self._top, dtype or x.dtype,
@@ -218,7 +229,11 @@ class MTNeuron(Stateful):
         # A spike is exactly ±θ·2**k (in the output dtype), so k is a difference of exponents.
         _, e = torch.frexp(spikes.abs())
         _, e_theta = torch.frexp(self.theta.to(out.dtype).float())
-        level = (e - torch.where(pos, e_theta[0], e_theta[1])).clamp_(0, self.levels - 1)
+        if self.per_channel:  # each spike's channel's exponents
+            e_pos, e_neg = (e_theta[i].expand(out.shape)[fire] for i in (0, 1))
+        else:
+            e_pos, e_neg = e_theta[0], e_theta[1]
+        level = (e - torch.where(pos, e_pos, e_neg)).clamp_(0, self.levels - 1)
         idx = torch.where(pos, 0, self.levels) + level.long()
         self.spike_counts += torch.bincount(idx, minlength=2 * self.levels).view(2, self.levels)
         self.neuron_steps += fire.numel()
@@ -230,7 +245,20 @@ class MTNeuron(Stateful):
 
     def extra_repr(self) -> str:
         rule = "" if self.rule is SpikeRule.eq25 else f", rule={self.rule.value!r}"
-        return f"theta_pos={self.theta_pos:.4g}, theta_neg={self.theta_neg:.4g}, levels={self.levels}{rule}"
+        chans = f", channels={self.theta.shape[1]}" if self.per_channel else ""
+        return f"theta_pos={self.theta_pos:.4g}, theta_neg={self.theta_neg:.4g}, levels={self.levels}{rule}{chans}"
+
+
+def _theta(theta_pos, theta_neg) -> Tensor:
+    """``[θ1, θ2]``: shape (2,) for scalars, (2, C) for per-channel thresholds (sequences of C values)."""
+    if isinstance(theta_pos, (int, float)) and isinstance(theta_neg, (int, float)):
+        return torch.tensor([float(theta_pos), float(theta_neg)], dtype=torch.float32)
+    pos = torch.as_tensor(theta_pos, dtype=torch.float32).flatten()
+    neg = torch.as_tensor(theta_neg, dtype=torch.float32).flatten()
+    if pos.numel() == 1 and neg.numel() == 1:
+        return torch.stack([pos[0], neg[0]])
+    pos, neg = torch.broadcast_tensors(pos, neg)
+    return torch.stack([pos, neg]).contiguous()
 
 
 def check_rule(rule: Union[str, SpikeRule], error: type[Exception] = InvalidInputError) -> SpikeRule:

@@ -137,14 +137,14 @@ def lone_neuron_thresholds(stats: ActivationStats, T: int, levels: int, steps_pe
 
 def _scaled(base: Thresholds, log2_scale: Mapping[str, float]) -> Thresholds:
     """``base`` with both thresholds of every site multiplied by ``2**log2_scale[site]``."""
-    return Thresholds({name: (a * 2.0 ** log2_scale[name], b * 2.0 ** log2_scale[name])
-                       for name, (a, b) in base.items()}, rule=base.rule, example=base.example)
+    return base.scaled({name: 2.0 ** log2_scale[name] for name in base})
 
 
 @torch.no_grad()
 def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, *, budget: int = 20,
          max_batches: Optional[int] = None, progress: bool = False,
-         rule: Union[str, SpikeRule] = SpikeRule.nearest, example: Any = None, path: str = "auto") -> Thresholds:
+         rule: Union[str, SpikeRule] = SpikeRule.nearest, example: Any = None, path: str = "auto",
+         per_channel: bool = False) -> Thresholds:
     """Choose base thresholds per site for the best SNN output at step T.
 
     Uses only ``batches`` (calibration data): their activation histograms for the thresholds
@@ -160,6 +160,8 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
         progress: Show a progress bar.
         rule: The spike rule of the MT neurons to tune for (see the module docstring).
         example, path: How the model is converted (see :func:`ecmt.conversion.build_spiking`).
+        per_channel: Search per-channel base thresholds at the Linear inputs (the search runs
+            on the channel-scaled histograms of :func:`ecmt.calibration.collect_statistics`).
 
     Returns:
         Thresholds in the form :func:`ecmt.calibrate` returns, for ``ecmt.convert(model, th,
@@ -176,7 +178,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     rule = check_rule(rule)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = [to_device(model_input(b), device) for b, _ in zip(batches, range(max_batches or 1 << 62))]
-    stats = collect_statistics(model, inputs, example=example, path=path)
+    stats = collect_statistics(model, inputs, example=example, path=path, per_channel=per_channel)
     output = registry.family_of(model).output
     model = model.eval()
     refs = [output(model(**x) if isinstance(x, Mapping) else model(x)).float() for x in inputs]
@@ -200,7 +202,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
 
     error(best[1])  # 1. the paper's thresholds
     reference_error = history[0]
-    start = lone_neuron_thresholds(stats, T, levels, rule=rule)  # 2. no simulation
+    start = stats.apply_scales(lone_neuron_thresholds(stats, T, levels, rule=rule))  # 2. no simulation
     types = list(dict.fromkeys(site_type(n) for n in start))
     best_shift, best_err = {t: 0.0 for t in types}, math.inf  # log2 of each site type's factor on ``start``
 
@@ -228,7 +230,11 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     bar.close()
 
     final_error, th = best
-    by_site = {name: round(stats.percentile_of(name, a), 3) for name, (a, _) in th.items() if a > 0}
+    def scaled_back(name: str, a: Any) -> float:  # per channel: the threshold on the scaled histogram
+        return a[0] / float(stats.scales[name][0]) if isinstance(a, tuple) else a
+
+    by_site = {name: round(stats.percentile_of(name, scaled_back(name, a)), 3) for name, (a, _) in th.items()
+               if scaled_back(name, a) > 0}
     by_type: dict[str, list[float]] = defaultdict(list)
     for name, p in by_site.items():
         by_type[site_type(name)].append(p)
