@@ -590,6 +590,7 @@ def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Ta
         "percentile": snn.thresholds.percentile,
         "rule": snn.thresholds.rule.value,
         "n_images": tally.n,
+        "skipped": tally.skipped,
         "steps_within_1pt": steps_within(snn_top1, tally.ann_top1),
         "seed": args.seed,
         "limit": args.limit,

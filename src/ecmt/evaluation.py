@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .adaptive import StopRule, StopTracker
 from .calibration import to_device
 from .conversion import SpikingModel
+from .data import SKIPPED
 from .distributed import resolve_device
 from .energy import Measurement, OpCounter
 from .errors import InvalidInputError
@@ -46,6 +47,8 @@ class Tally:
             (:mod:`ecmt.adaptive`), or None without a stopping rule.
         adaptive_stops: ``adaptive_stops[t-1]``: images that stopped at step t (None without
             a stopping rule).
+        skipped: Images that could not be read (:data:`ecmt.data.SKIPPED`): not in ``n``, never
+            counted correct or wrong.
     """
 
     n: int
@@ -53,6 +56,7 @@ class Tally:
     ann_correct: Optional[int] = None
     adaptive_correct: Optional[int] = None
     adaptive_stops: Optional[tuple[int, ...]] = None
+    skipped: int = 0
 
     @classmethod
     def zero(cls, T: int, with_ann: bool = True, adaptive: bool = False) -> "Tally":
@@ -70,7 +74,8 @@ class Tally:
         adaptive = self.adaptive_stops is not None and other.adaptive_stops is not None
         return Tally(self.n + other.n, _add(self.snn_correct, other.snn_correct), ann,
                      self.adaptive_correct + other.adaptive_correct if adaptive else None,  # type: ignore[operator]
-                     _add(self.adaptive_stops, other.adaptive_stops) if adaptive else None)  # type: ignore[arg-type]
+                     _add(self.adaptive_stops, other.adaptive_stops) if adaptive else None,  # type: ignore[arg-type]
+                     self.skipped + other.skipped)
 
     @property
     def ann_top1(self) -> Optional[float]:
@@ -97,21 +102,21 @@ class Tally:
         return None if self.adaptive_steps is None else self.adaptive_steps / max(self.n, 1)
 
     def to_tensor(self) -> Tensor:
-        """``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops...]`` as int64,
+        """``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops..., skipped]`` as int64,
         for summing across processes; -1 stands for None, and absent stops are zeros."""
         ann = -1 if self.ann_correct is None else self.ann_correct
         adaptive = -1 if self.adaptive_correct is None else self.adaptive_correct
         stops = self.adaptive_stops or (0,) * self.T
-        return torch.tensor([self.n, ann, *self.snn_correct, adaptive, *stops], dtype=torch.int64)
+        return torch.tensor([self.n, ann, *self.snn_correct, adaptive, *stops, self.skipped], dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, t: Tensor) -> "Tally":
         """Inverse of :meth:`to_tensor`, also of a sum of such tensors."""
-        n, ann, *rest = (int(v) for v in t.tolist())
+        n, ann, *rest, skipped = (int(v) for v in t.tolist())
         T = (len(rest) - 1) // 2
         snn, adaptive, stops = rest[:T], rest[T], rest[T + 1:]
         return cls(n, tuple(snn), ann if ann >= 0 else None, adaptive if adaptive >= 0 else None,
-                   tuple(stops) if adaptive >= 0 else None)
+                   tuple(stops) if adaptive >= 0 else None, skipped)
 
 
 def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -149,8 +154,18 @@ def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
 
 
 def images_only(batches: Iterable[Any]) -> Iterable[Tensor]:
-    """The images of ``(images, labels)`` batches (for calibration)."""
-    return (x for x, _ in batches)
+    """The images of ``(images, labels)`` batches (for calibration), without unreadable ones."""
+    for x, y in batches:
+        x, _, _ = readable(x, y)
+        if x.shape[0]:
+            yield x
+
+
+def readable(x: Any, y: Tensor) -> tuple[Any, Tensor, int]:
+    """The images and labels of a batch without those that could not be read, and how many those were."""
+    keep = y != SKIPPED
+    skipped = int((~keep).sum())
+    return (x, y, 0) if not skipped else (x[keep], y[keep], skipped)
 
 
 @torch.no_grad()
@@ -161,6 +176,9 @@ def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tenso
     With ``stop_rule``, also those of the SNN at each image's stop step, decided from the same
     simulation's running outputs, and the number of images stopping at each step.
     """
+    x, y, skipped = readable(x, y)
+    if not y.shape[0]:
+        return replace(Tally.zero(T, with_ann=ann is not None, adaptive=stop_rule is not None), skipped=skipped)
     ann_correct = None if ann is None else int((ann(x).argmax(-1) == y).sum())
     tracker = None if stop_rule is None else StopTracker(stop_rule)
     snn_correct = []
@@ -169,10 +187,10 @@ def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tenso
         if tracker is not None:
             tracker.update(out)
     if tracker is None:
-        return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct)
+        return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct, skipped=skipped)
     steps, preds = tracker.result()
     stops = torch.bincount(steps.flatten() - 1, minlength=T).tolist()
-    return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct, int((preds == y).sum()), tuple(stops))
+    return Tally(int(y.shape[0]), tuple(snn_correct), ann_correct, int((preds == y).sum()), tuple(stops), skipped)
 
 
 def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tuple[Any, Tensor]], T: int, *,
