@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .conversion import SpikingModel, convert
-from .errors import CheckpointError, ConversionError, IncompatibleFileError, InvalidFileError
+from .errors import CheckpointError, ConversionError, IncompatibleFileError, InvalidFileError, OutputError
 from .models import ModelBundle, from_spec
 from .neurons import MAX_LEVELS, RULES
 from .thresholds import Thresholds
@@ -155,19 +155,20 @@ def Either(*rules: Check) -> Check:  # noqa: N802
     return check
 
 
-def Record(fields: Mapping[str, Check], required: Sequence[str] = ()) -> Check:  # noqa: N802
-    """A JSON object with only the keys of ``fields`` (each fitting its rule) and all of ``required``."""
+def Record(fields: Mapping[str, Check], required: Sequence[str] = (), extra: Optional[Check] = None) -> Check:  # noqa: N802
+    """A JSON object with the keys of ``fields`` (each fitting its rule), all of ``required``, and other
+    keys only if ``extra`` is given (each value fitting it)."""
     def check(v: Any, where: str) -> None:
         if not isinstance(v, dict):
             _refuse(where, "an object", v)
         missing = [k for k in required if k not in v]
-        unknown = [k for k in v if k not in fields]
+        unknown = [k for k in v if k not in fields and extra is None]
         if missing or unknown:
             raise InvalidFileError(f"{where}: " + "; ".join(
                 [f"missing {', '.join(map(repr, missing))}"] * bool(missing)
                 + [f"unknown key(s) {', '.join(map(repr, unknown[:5]))}"] * bool(unknown)))
         for k, value in v.items():
-            fields[k](value, f"{where}.{k}")
+            fields.get(k, extra)(value, f"{where}.{k}")  # type: ignore[misc]
     return check
 
 
@@ -313,6 +314,7 @@ def save(snn: SpikingModel, path: PathLike, ann: Optional[nn.Module] = None) -> 
             saved too, so that :func:`read` restores it (for ANN-vs-SNN comparisons).
 
     Raises:
+        OutputError: The file cannot be written.
         ConversionError: ``snn.spec`` is None: the SNN was converted from a model built by
             hand, so the file could not be loaded again (convert a model from
             :func:`ecmt.models.load_model` and set ``snn.spec = bundle.spec``).
@@ -341,8 +343,11 @@ def save(snn: SpikingModel, path: PathLike, ann: Optional[nn.Module] = None) -> 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     info["digest"] = digest(info, state)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(info)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path), metadata={METADATA_KEY: json.dumps(info)})
+    except Exception as e:  # OSError, or safetensors' own error type for I/O errors
+        raise OutputError(f"cannot write the SNN file {path}: {' '.join(str(e).split())}") from None
     return path
 
 
