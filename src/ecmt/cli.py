@@ -420,7 +420,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     images = subset(setup.data.test, args.limit, args.seed)
     fingerprint = _fingerprint(args, setup, snn, len(images))
     if resumed is not None:
-        check_progress(resumed, fingerprint, out / PROGRESS_FILE)  # type: ignore[operator]
+        check_progress(resumed, fingerprint, out / PROGRESS_FILE, len(images), args.batch_size)  # type: ignore[operator]
     _log(f"ecmt: evaluating {setup.bundle.name} on {setup.data.name} "
          f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}"
          f"{'' if ctx.world_size == 1 else f', {ctx.world_size} processes'})")
@@ -524,8 +524,8 @@ def run_text_convert(args: argparse.Namespace) -> int:
     if args.tune and args.percentile is not None:
         raise UsageError("--tune chooses the percentiles itself; drop --percentile")
     seed_everything(args.seed)
-    tm = load_text_model(args.model, args.device)
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
+    tm = load_text_model(args.model, args.device)
     snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
                        batch_size=args.batch_size, rule=_rule(args))
     path = save(snn, args.output, ann=tm.model)

@@ -183,12 +183,19 @@ def load_progress(path: Path) -> Progress:
         raise ResumeError(f"{path} is damaged ({e}); remove it to start again") from None
 
 
-def check_progress(progress: Progress, fingerprint: Mapping[str, Any], path: Path) -> None:
-    """Refuse to continue ``progress`` in a run of another fingerprint.
+def check_progress(progress: Progress, fingerprint: Mapping[str, Any], path: Path, images: Optional[int] = None,
+                   batch_size: Optional[int] = None) -> None:
+    """Refuse to continue ``progress`` in a run of another fingerprint, or (given ``images`` and
+    ``batch_size``) one whose counts do not fit its batches of the dataset.
 
     Raises:
         ResumeError: Naming the settings that differ, with the old and new values.
     """
+    if images is not None and batch_size is not None:
+        total, seen = -(-images // batch_size), progress.tally.n + progress.tally.skipped
+        if progress.batches != total or seen != min(progress.done * batch_size, images):
+            raise ResumeError(f"{path} is damaged: {progress.done} of {progress.batches} batches done with {seen} "
+                              f"images counted, for {total} batches of {batch_size}; remove it to start again")
     old, new = dict(progress.fingerprint), json.loads(json.dumps(dict(fingerprint)))  # compare as JSON
     diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in {**old, **new} if old.get(k) != new.get(k)]
     if diff:
@@ -232,12 +239,7 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
     """
     total = count_batches(dataset, batch_size)
     if start is not None:
-        where = path or Path(PROGRESS_FILE)
-        check_progress(start, fingerprint, where)
-        seen = start.tally.n + start.tally.skipped
-        if start.batches != total or seen != min(start.done * batch_size, len(dataset)):  # type: ignore[arg-type]
-            raise ResumeError(f"{where} is damaged: {start.done} of {start.batches} batches done with {seen} "
-                              f"images counted, for {total} batches of {batch_size}; remove it to start again")
+        check_progress(start, fingerprint, path or Path(PROGRESS_FILE), len(dataset), batch_size)  # type: ignore[arg-type]
     # the empty tally of this configuration (ANN or not, adaptive or not)
     empty, _ = evaluate(ann, snn, [], T, progress=False, stop_rule=stop_rule)
     state = start or Progress(dict(fingerprint), total, 0, empty, None, dict(info or {}))
