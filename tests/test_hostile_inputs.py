@@ -217,7 +217,7 @@ def test_snn_metadata_outside_the_schema_is_refused(snn_files, folder, tmp_path,
 
 
 BROKEN_TENSORS = {
-    "NaN weight": lambda t: t[next(k for k in t if "fc1" in k and k.endswith("weight"))].view(-1).__setitem__(0, math.nan),
+    "NaN weight": lambda t: t[next(k for k in t if k.endswith("fc1.linear.weight"))].view(-1).__setitem__(0, math.nan),
     "Inf threshold": lambda t: t[next(k for k in t if k.endswith("theta"))].__setitem__(0, math.inf),
     "negative threshold": lambda t: t[next(k for k in t if k.endswith("theta"))].__setitem__(1, -1.0),
 }

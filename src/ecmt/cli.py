@@ -420,7 +420,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     images = subset(setup.data.test, args.limit, args.seed)
     fingerprint = _fingerprint(args, setup, snn, len(images))
     if resumed is not None:
-        check_progress(resumed, fingerprint, out / PROGRESS_FILE, len(images), args.batch_size)  # type: ignore[operator]
+        check_progress(resumed, fingerprint, out / PROGRESS_FILE,  # type: ignore[operator]
+                       len(images), args.batch_size)
     _log(f"ecmt: evaluating {setup.bundle.name} on {setup.data.name} "
          f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}"
          f"{'' if ctx.world_size == 1 else f', {ctx.world_size} processes'})")

@@ -239,7 +239,8 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
     """
     total = count_batches(dataset, batch_size)
     if start is not None:
-        check_progress(start, fingerprint, path or Path(PROGRESS_FILE), len(dataset), batch_size)  # type: ignore[arg-type]
+        images = len(dataset)  # type: ignore[arg-type]
+        check_progress(start, fingerprint, path or Path(PROGRESS_FILE), images, batch_size)
     # the empty tally of this configuration (ANN or not, adaptive or not)
     empty, _ = evaluate(ann, snn, [], T, progress=False, stop_rule=stop_rule)
     state = start or Progress(dict(fingerprint), total, 0, empty, None, dict(info or {}))

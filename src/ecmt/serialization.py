@@ -155,7 +155,8 @@ def Either(*rules: Check) -> Check:  # noqa: N802
     return check
 
 
-def Record(fields: Mapping[str, Check], required: Sequence[str] = (), extra: Optional[Check] = None) -> Check:  # noqa: N802
+def Record(fields: Mapping[str, Check], required: Sequence[str] = (),  # noqa: N802
+           extra: Optional[Check] = None) -> Check:
     """A JSON object with the keys of ``fields`` (each fitting its rule), all of ``required``, and other
     keys only if ``extra`` is given (each value fitting it)."""
     def check(v: Any, where: str) -> None:
