@@ -42,9 +42,9 @@ def _check_creatable(path: Path, option: str) -> None:
 
 
 def _check_pseudo(path: Path, option: str) -> None:
-    resolved = path.resolve()
-    if any(resolved == p or p in resolved.parents for p in PSEUDO_FILESYSTEMS):
-        raise OutputError(f"{option} {path}: {resolved.parts[1]} is a kernel interface, not a place for results")
+    absolute = Path(os.path.abspath(path))  # links not resolved: /dev/stdout (-> /proc/self/fd/1) stays allowed
+    if any(absolute == p or p in absolute.parents for p in PSEUDO_FILESYSTEMS):
+        raise OutputError(f"{option} {path}: /{absolute.parts[1]} is a kernel interface, not a place for results")
 
 
 def check_file(path: Path, option: str) -> None:
