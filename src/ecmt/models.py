@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -251,12 +252,13 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
         raise CheckpointError(f"cannot read checkpoint {path}: permission denied; "
                               "check the file's permissions") from None
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):  # a damaged pickle, not a refused one
-            raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt "
-                                  f"({' '.join(str(e).split())[:200]}); download or save it again") from None
-        raise CheckpointError(f"refused to load checkpoint {path}: besides tensors it holds Python objects, "
-                              "which could run code when loaded; nothing in it was run. Save only the weights "
-                              "(torch.save(model.state_dict(), ...) or safetensors)") from None
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))  # how torch's restricted unpickler names what it refused
+        if named is None:  # a damaged pickle, not a refused one
+            raise CheckpointError(f"cannot read checkpoint {path} (not a readable pickle): the file is "
+                                  "truncated or corrupt; download or save it again") from None
+        raise CheckpointError(f"refused to load checkpoint {path}: besides tensors it holds Python objects "
+                              f"({named.group(1)}), which could run code when loaded; nothing in it was run. "
+                              "Save only the weights (torch.save(model.state_dict(), ...) or safetensors)") from None
     except Exception as e:  # corrupt files raise many types (zip, safetensors errors)
         reason = " ".join(str(e).split())[:300]
         if "weights_only" in reason:  # never pass on torch's hint to unpickle without restrictions

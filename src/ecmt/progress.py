@@ -191,16 +191,16 @@ def check_progress(progress: Progress, fingerprint: Mapping[str, Any], path: Pat
     Raises:
         ResumeError: Naming the settings that differ, with the old and new values.
     """
-    if images is not None and batch_size is not None:
-        total, seen = -(-images // batch_size), progress.tally.n + progress.tally.skipped
-        if progress.batches != total or seen != min(progress.done * batch_size, images):
-            raise ResumeError(f"{path} is damaged: {progress.done} of {progress.batches} batches done with {seen} "
-                              f"images counted, for {total} batches of {batch_size}; remove it to start again")
     old, new = dict(progress.fingerprint), json.loads(json.dumps(dict(fingerprint)))  # compare as JSON
     diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in {**old, **new} if old.get(k) != new.get(k)]
     if diff:
         raise ResumeError(f"cannot resume {path}: it is the progress of another run ({'; '.join(diff)}); "
                           "run with the same settings, or without --resume in another --out directory")
+    if images is not None and batch_size is not None:
+        total, seen = -(-images // batch_size), progress.tally.n + progress.tally.skipped
+        if progress.batches != total or seen != min(progress.done * batch_size, images):
+            raise ResumeError(f"{path} is damaged: {progress.done} of {progress.batches} batches done with {seen} "
+                              f"images counted, for {total} batches of {batch_size}; remove it to start again")
 
 
 @torch.no_grad()
