@@ -13,7 +13,8 @@ from .calibration import ActivationStats, calibrate, collect_statistics
 from .compensation import ExpectationCompensation, MatMulEC
 from .conversion import SpikingModel, build_spiking, convert, site_names
 from .errors import (CalibrationError, CheckpointError, ConversionError, DatasetError, IncompatibleFileError,
-                     InvalidInputError, ResumeError, ThresholdError, UnsupportedModelError)
+                     InvalidFileError, InvalidInputError, OutputError, ResumeError, ThresholdError,
+                     UnsupportedModelError)
 from .neurons import MTNeuron, SpikeRule
 from .simulation import simulate, simulate_steps
 from .state import reset_net
@@ -24,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStats", "CalibrationError", "CheckpointError", "ConversionError", "DatasetError",
-    "ExpectationCompensation", "IncompatibleFileError", "InvalidInputError", "MTNeuron", "MatMulEC", "ResumeError",
-    "SpikeRule", "SpikingModel", "ThresholdError", "Thresholds", "UnsupportedModelError", "build_spiking", "calibrate",
+    "ExpectationCompensation", "IncompatibleFileError", "InvalidFileError", "InvalidInputError", "MTNeuron",
+    "MatMulEC", "OutputError", "ResumeError", "SpikeRule", "SpikingModel", "ThresholdError", "Thresholds",
+    "UnsupportedModelError", "build_spiking", "calibrate",
     "collect_statistics", "convert", "reset_net", "simulate", "simulate_steps", "site_names", "tune",
 ]

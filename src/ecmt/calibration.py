@@ -11,6 +11,7 @@ how the data is split between processes (histograms add).
 from __future__ import annotations
 
 import itertools
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -294,9 +295,20 @@ def input_errors(x: Any, what: str, error: type[ConversionError]) -> Iterator[No
     except (AssertionError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             raise
+        tensors = x if isinstance(x, Mapping) else {None: x}
         shape = {k: tuple(v.shape) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape)
-        raise error(f"the model cannot take {what} of shape {shape} ({' '.join(str(e).split())}): "
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
+        reason = " ".join(str(e).split())
+        if _DTYPE_ERROR.search(reason):
+            raise error(f"the model cannot take {what} of dtype {', '.join(dtypes)} ({reason}): give inputs of "
+                        "the dtype of its weights (float32 images unless the model was cast)") from e
+        raise error(f"the model cannot take {what} of shape {shape} ({reason}): "
                     "give inputs of the size and channels it was built for") from e
+
+
+_DTYPE_ERROR = re.compile(r"type \(|dtype|scalar type")
+"""How torch words a dtype mismatch ("Input type (unsigned char) and bias type (float) should be the same",
+"expected scalar type Float but found Double", "mat1 and mat2 must have the same dtype")."""
 
 
 NON_FINITE_BUCKETS = 128

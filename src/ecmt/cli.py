@@ -55,7 +55,8 @@ from .energy import energy_report, ops_report, theoretical_ops
 from .errors import ConversionError, UnsupportedModelError
 from .evaluation import Tally, evaluate, images_only, loader, seed_everything, subset
 from .models import REFERENCE_MODELS, ModelBundle, load_model, model_names
-from .neurons import RULES, SpikeRule
+from .neurons import MAX_LEVELS, RULES, SpikeRule
+from .outputs import claim, results_or_stdout
 from .progress import PROGRESS_FILE, SNN_FILE, Progress, check_progress, evaluate_dataset, load_progress
 from .tuning import tune
 from .results import format_table, per_step_rows, steps_within, sweep_rows, table_steps, write_csv, write_json
@@ -101,6 +102,28 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
+SEED_RANGE = (0, 2 ** 32 - 1)
+"""Seeds numpy accepts (torch and Python accept more)."""
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    at_least = _int_at_least(low)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+_seed = _int_in(*SEED_RANGE)
+_levels = _int_in(1, MAX_LEVELS)
+
+LONG_RUN = 1 << 20
+"""Image-steps per batch (T x batch size) beyond which a run is warned that it may take hours."""
+
 
 def _percentile(text: str) -> float:
     try:
@@ -139,7 +162,7 @@ def _common(threads: Optional[int] = None) -> argparse.ArgumentParser:
     p = _Parser(add_help=False, parents=[_base()])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help="images per batch (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image subsets and of torch (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the image subsets and of torch (default: 0)")
     p.add_argument("--threads", type=_positive_int, default=threads, metavar="N",
                    help=f"CPU threads for torch (default: {threads or 'torch chooses'}; 1 is much faster "
                         "on a machine busy with other work)")
@@ -177,8 +200,8 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
 
 
 def _conversion_options(p: argparse.ArgumentParser, *, evaluated: bool = True) -> None:
-    p.add_argument("--levels", type=_positive_int, default=None, metavar="N",
-                   help="thresholds per side of each MT neuron, n (default: 8)")
+    p.add_argument("--levels", type=_levels, default=None, metavar="N",
+                   help=f"thresholds per side of each MT neuron, n in 1..{MAX_LEVELS} (default: 8)")
     p.add_argument("--percentile", type=_percentile, default=None, metavar="P",
                    help="calibration percentile p in (50, 100] (default: 99)")
     p.add_argument("--tune", type=_positive_int, nargs="?", const=TUNE_AUTO, default=None, metavar="T",
@@ -293,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Paper Fig. 5: one calibration, one SNN per (levels, percentile) setting.")
     _model_options(p, snn_file=False)
     _calibration_options(p)
-    p.add_argument("--levels", type=_positive_int, nargs="+", default=[4, 6, 8], metavar="N",
+    p.add_argument("--levels", type=_levels, nargs="+", default=[4, 6, 8], metavar="N",
                    help="numbers of levels n (default: 4 6 8)")
     p.add_argument("--percentiles", type=_percentile, nargs="+", default=[99.0, 99.9, 99.99], metavar="P",
                    help="calibration percentiles (default: 99 99.9 99.99)")
@@ -531,7 +554,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     images = subset(setup.data.test, args.limit, args.seed)
     fingerprint = _fingerprint(args, setup, snn, len(images))
     if resumed is not None:
-        check_progress(resumed, fingerprint, out / PROGRESS_FILE)  # type: ignore[operator]
+        check_progress(resumed, fingerprint, out / PROGRESS_FILE,  # type: ignore[operator]
+                       len(images), args.batch_size)
     _log(f"ecmt: evaluating {setup.bundle.name} on {setup.data.name} "
          f"(T = {args.T}, n = {snn.levels}, p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}"
          f"{'' if ctx.world_size == 1 else f', {ctx.world_size} processes'})")
@@ -608,15 +632,18 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
                            rule=None if snn is not None else _rule(args))
     energy = record.pop("energy", None)
     record.update(snn_file=args.snn, limit=args.limit, seed=args.seed, seconds=round(time.perf_counter() - start, 1))
-    written = [write_json(record, args.json)] if args.json else []
-    if args.out:
-        from . import plots  # matplotlib is imported only when plotting
+    try:
+        written = [write_json(record, args.json)] if args.json else []
+        if args.out:
+            from . import plots  # matplotlib is imported only when plotting
 
-        out, ext = Path(args.out), args.plot_format
-        written += [write_json(record, out / "results.json"),
-                    plots.plot_text_fidelity(record, out / f"fidelity.{ext}")]
-        if energy is not None:
-            written += [write_json(energy, out / "energy.json"), *_energy_plots(record, energy, out, ext)]
+            out, ext = Path(args.out), args.plot_format
+            written += [write_json(record, out / "results.json"),
+                        plots.plot_text_fidelity(record, out / f"fidelity.{ext}")]
+            if energy is not None:
+                written += [write_json(energy, out / "energy.json"), *_energy_plots(record, energy, out, ext)]
+    except OSError as e:
+        raise results_or_stdout(record, e) from None
     for path in written:
         _log(f"ecmt: wrote {path}")
     ratio = record.get("energy_ratio")
@@ -649,8 +676,8 @@ def run_text_convert(args: argparse.Namespace) -> int:
         raise UsageError("--tune chooses the percentiles itself; drop --percentile")
     seed_everything(args.seed)
     _quiet_libraries(args)
-    tm = load_text_model(args.model, args.device)
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
+    tm = load_text_model(args.model, args.device)
     snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
                        batch_size=args.batch_size, rule=_rule(args))
     path = save(snn, args.output, ann=tm.model)
@@ -718,7 +745,7 @@ def _save_atomically(snn: SpikingModel, ann: nn.Module, path: Path) -> None:
     """Save ``snn`` (with ``ann``) so that a killed process leaves no half-written file."""
     from .serialization import save
 
-    tmp = save(snn, path.with_name(f".{path.name}.tmp"), ann=ann)
+    tmp = save(snn, path.with_name(f".{path.name}.{os.getpid()}.tmp"), ann=ann)
     os.replace(tmp, path)
 
 
@@ -746,6 +773,7 @@ def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Ta
         "percentile": snn.thresholds.percentile,
         "rule": snn.thresholds.rule.value,
         "n_images": tally.n,
+        "skipped": tally.skipped,
         "steps_within_1pt": steps_within(snn_top1, tally.ann_top1),
         "seed": args.seed,
         "limit": args.limit,
@@ -758,12 +786,16 @@ def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Ta
 
 def _write_record(args: argparse.Namespace, record: dict[str, Any], stem: str, rows: list[dict[str, Any]],
                   plots: Callable[[Path, str], list[Path]]) -> None:
-    """Write ``--json FILE`` and, in ``--out DIR``, ``<stem>.json``, ``<stem>.csv`` and the ``plots(out, ext)``."""
-    written = [write_json(record, args.json)] if args.json else []
-    if args.out:
-        out = Path(args.out)
-        written += [write_json(record, out / f"{stem}.json"), write_csv(rows, out / f"{stem}.csv"),
-                    *plots(out, args.plot_format)]
+    """Write ``--json FILE`` and, in ``--out DIR``, ``<stem>.json``, ``<stem>.csv`` and the ``plots(out, ext)``;
+    if a write fails, print ``record`` to stdout and raise OutputError."""
+    try:
+        written = [write_json(record, args.json)] if args.json else []
+        if args.out:
+            out = Path(args.out)
+            written += [write_json(record, out / f"{stem}.json"), write_csv(rows, out / f"{stem}.csv"),
+                        *plots(out, args.plot_format)]
+    except OSError as e:
+        raise results_or_stdout(record, e) from None
     for path in written:
         _log(f"ecmt: wrote {path}")
 
@@ -843,7 +875,10 @@ def run_ops(args: argparse.Namespace) -> int:
         print(f"  {module:<{width}} {macs / 1e6:12.2f} M")
     print(f"  {'total':<{width}} {report['total_macs'] / 1e6:12.2f} M")
     if args.json:
-        _log(f"ecmt: wrote {write_json(report, args.json)}")
+        try:
+            _log(f"ecmt: wrote {write_json(report, args.json)}")
+        except OSError as e:
+            raise results_or_stdout(report, e) from None
     return 0
 
 
@@ -914,6 +949,14 @@ def run_sweep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def _warn_long(args: argparse.Namespace) -> None:
+    """Warn when T x batch size makes every batch so long that the run may take hours."""
+    T, batch = getattr(args, "T", None), getattr(args, "batch_size", None)
+    if T is not None and batch is not None and T * batch > LONG_RUN:
+        _log(f"ecmt: warning: --T {T} x --batch-size {batch} = {T * batch:,} image-steps per batch; "
+             "this may run for hours (the paper's results need T <= 16)")
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -936,7 +979,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         handler: Callable[[argparse.Namespace], int] = args.func
         if distributed.launched() and handler is not run_evaluate:
             raise UsageError(f"'ecmt {args.command}' runs in one process; under torchrun use 'ecmt evaluate'")
-        return handler(args)
+        _warn_long(args)
+        with claim(getattr(args, "json", None), getattr(args, "out", None), getattr(args, "output", None),
+                   lock=os.environ.get("RANK", "0") == "0"):
+            return handler(args)
     except (UsageError, ConversionError) as e:
         if debug:
             raise

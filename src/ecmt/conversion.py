@@ -12,7 +12,7 @@ from . import registry
 from .compensation import ExpectationCompensation
 from .errors import ConversionError, InvalidInputError, ThresholdError, UnsupportedModelError
 from .layers import SiteFactory, SpikingLinear
-from .neurons import MTNeuron, SpikeRule, _theta, check_rule
+from .neurons import MTNeuron, SpikeRule, _theta, check_levels, check_rule
 from .state import Stateful, stateful_modules
 from .thresholds import Thresholds
 
@@ -237,14 +237,13 @@ def convert(model: nn.Module, thresholds: Mapping[str, tuple[float, float]], lev
     Raises:
         UnsupportedModelError: The model has modules that cannot be converted.
         ThresholdError: A site has no threshold.
-        InvalidInputError: ``levels`` < 1.
+        InvalidInputError: ``levels`` is not an integer in 1..16 (:data:`ecmt.neurons.MAX_LEVELS`).
 
     Example:
         >>> thresholds = ecmt.calibrate(vit, batches)           # doctest: +SKIP
         >>> snn = ecmt.convert(vit, thresholds, levels=8)       # doctest: +SKIP
     """
-    if not isinstance(levels, int) or levels < 1:
-        raise InvalidInputError(f"levels must be a positive integer, got {levels!r}")
+    check_levels(levels)
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds(dict(thresholds))
     if rule is not None and rule != thresholds.rule:

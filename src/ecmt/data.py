@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -440,27 +441,86 @@ def _open_idx(name: str, data_config: Mapping[str, Any], num_classes: int,
     return EvalData(name, splits["test"], splits["train"], "train split", classes)
 
 
+SKIPPED = -1
+"""The label of an image that could not be read: evaluation and calibration leave it out and count it
+as skipped (:attr:`ecmt.evaluation.Tally.skipped`), never as correct or wrong."""
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and ``(file, class index)`` of an ImageNet-val-style folder, in sorted order.
+
+    Class directories are the subdirectories of ``root``; below them, files with an image
+    extension at any depth. Symbolic links to directories are not followed (a link loop
+    cannot count one image twice); links to files are listed, and dangling ones are skipped
+    when read, like any unreadable image.
+    """
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    samples = []
+    for index, name in enumerate(classes):
+        for folder, dirs, files in os.walk(root / name, followlinks=False):
+            dirs.sort()
+            samples += [(os.path.join(folder, f), index) for f in sorted(files)
+                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return classes, samples
+
+
+class ImageFiles(Dataset):
+    """Images of an ImageNet-val-style folder; an image that cannot be read comes as ``(zeros, SKIPPED)``.
+
+    Skipping is decided by the file alone (it is opened, checked against Pillow's decompression
+    bomb limit, and decoded), so every run, resumed or not, skips the same files.
+    """
+
+    def __init__(self, root: Path, transform: Callable[[Any], torch.Tensor], mode: str,
+                 input_size: Sequence[int]) -> None:
+        self.classes, self.samples = image_files(root)
+        self.transform, self.mode, self.input_size = transform, mode, tuple(input_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        import warnings
+
+        from PIL import Image
+
+        file, label = self.samples[index]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with open(file, "rb") as f:
+                    image = Image.open(f)
+                    image.load()
+                    image = image.convert(self.mode)
+            return self.transform(image), label
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            print(f"ecmt: warning: skipping unreadable image {file} ({reason[:200]})", file=sys.stderr, flush=True)
+            return torch.zeros(self.input_size), SKIPPED
+
+
 def _open_folder(path: Path, data_config: Mapping[str, Any], num_classes: int,
                  class_map: str | os.PathLike | None = None) -> EvalData:
-    from PIL import Image
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
 
     from .errors import DatasetError
 
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     transform = create_transform(**{k: data_config[k] for k in keys if k in data_config}, is_training=False)
     mode = "L" if data_config["input_size"][0] == 1 else "RGB"
-
-    def loader(file: str) -> Image.Image:
-        with open(file, "rb") as f:
-            return Image.open(f).convert(mode)
-
     try:
-        ds = ImageFolder(str(path), transform=transform, loader=loader)
-    except (FileNotFoundError, OSError) as e:
+        ds = ImageFiles(path, transform, mode, data_config["input_size"])
+    except OSError as e:
         raise DatasetError(f"{path}: {' '.join(str(e).split())} (expected ImageNet val layout: one "
                            "subdirectory of images per class)") from None
+    if not ds.classes:
+        raise DatasetError(f"{path} has no class directories (expected ImageNet val layout: one subdirectory "
+                           "of images per class)")
+    if not ds.samples:
+        raise DatasetError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class directories")
     mapping = read_class_map(class_map) if class_map is not None else None
     if mapping is None and len(ds.classes) != num_classes and num_classes == IMAGENET_CLASSES:
         mapping = imagenet_class_map(ds.classes)
@@ -479,7 +539,6 @@ def _open_folder(path: Path, data_config: Mapping[str, Any], num_classes: int,
         raise DatasetError(f"{path}: the class map gives indices outside 0..{num_classes - 1}: {bad[:5]}")
     index = [mapping[c] for c in ds.classes]  # ImageFolder's label -> the model's class index
     ds.samples = [(file, index[t]) for file, t in ds.samples]
-    ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
     return EvalData(str(path), ds, ds, "evaluation set", num_classes)
 
 

@@ -39,3 +39,12 @@ class IncompatibleFileError(ConversionError):
 
 class ResumeError(ConversionError):
     """An interrupted evaluation cannot be resumed: no progress file, or one of another run."""
+
+
+class InvalidFileError(CheckpointError):
+    """A saved SNN file's metadata does not fit the schema, or its data do not match its digest."""
+
+
+class OutputError(ConversionError):
+    """An output path cannot be written (a directory where a file is wanted, no permission, ...),
+    or another run holds the output directory."""

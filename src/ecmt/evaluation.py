@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .adaptive import StopRule, StopTracker
 from .calibration import to_device
 from .conversion import SpikingModel
+from .data import SKIPPED
 from .distributed import resolve_device
 from .energy import Measurement, OpCounter
 from .errors import InvalidInputError
@@ -50,6 +51,8 @@ class Tally:
         snn_correct5: ``snn_correct5[t-1]``: images whose label is among the SNN's 5 highest
             outputs after t steps (None for models of at most 5 classes, where top-5 is trivial).
         ann_correct5: The same for the ANN (None without an ANN or top-5).
+        skipped: Images that could not be read (:data:`ecmt.data.SKIPPED`): not in ``n``, never
+            counted correct or wrong.
     """
 
     n: int
@@ -59,6 +62,7 @@ class Tally:
     adaptive_stops: Optional[tuple[int, ...]] = None
     snn_correct5: Optional[tuple[int, ...]] = None
     ann_correct5: Optional[int] = None
+    skipped: int = 0
 
     @classmethod
     def zero(cls, T: int, with_ann: bool = True, adaptive: bool = False, top5: bool = False) -> "Tally":
@@ -81,7 +85,8 @@ class Tally:
                      self.adaptive_correct + other.adaptive_correct if adaptive else None,  # type: ignore[operator]
                      _add(self.adaptive_stops, other.adaptive_stops) if adaptive else None,  # type: ignore[arg-type]
                      _add(self.snn_correct5, other.snn_correct5) if top5 else None,  # type: ignore[arg-type]
-                     self.ann_correct5 + other.ann_correct5 if ann5 else None)  # type: ignore[operator]
+                     self.ann_correct5 + other.ann_correct5 if ann5 else None,  # type: ignore[operator]
+                     self.skipped + other.skipped)
 
     @property
     def ann_top1(self) -> Optional[float]:
@@ -120,33 +125,38 @@ class Tally:
 
     def to_tensor(self) -> Tensor:
         """``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops..., top5, ann_correct5,
-        snn_correct5...]`` as int64, for summing across processes; -1 stands for None (``top5``:
-        0 without top-5 counts, 1 with), and absent counts are zeros."""
+        snn_correct5..., skipped]`` as int64, for summing across processes; -1 stands for None
+        (``top5``: 0 without top-5 counts, 1 with), and absent counts are zeros."""
         def known(v: Optional[int]) -> int:
             return -1 if v is None else v
 
         stops = self.adaptive_stops or (0,) * self.T
         top5 = self.snn_correct5 or (0,) * self.T
         return torch.tensor([self.n, known(self.ann_correct), *self.snn_correct, known(self.adaptive_correct), *stops,
-                             int(self.snn_correct5 is not None), known(self.ann_correct5), *top5], dtype=torch.int64)
+                             int(self.snn_correct5 is not None), known(self.ann_correct5), *top5, self.skipped],
+                            dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, t: Tensor, T: Optional[int] = None) -> "Tally":
         """Inverse of :meth:`to_tensor`, also of a sum of such tensors.
 
-        Given the number of steps ``T``, also reads the layout written before top-5 counts
-        existed (``[n, ann_correct, snn_correct..., adaptive_correct, adaptive_stops...]``).
+        Given the number of steps ``T``, also reads the layouts written before top-5 counts
+        and skipped images were counted (``[n, ann_correct, snn_correct..., adaptive_correct,
+        adaptive_stops...]``, with ``skipped`` after it or top-5 counts).
         """
         values = [int(v) for v in t.tolist()]
-        if T is not None and len(values) == 2 * T + 3:  # no top-5 counts
-            values += [0, -1, *(0,) * T]
-        n, ann, *rest = values
+        if T is not None and len(values) in (2 * T + 3, 2 * T + 4):  # no top-5 counts
+            skipped = values[2 * T + 3:] or [0]
+            values = values[:2 * T + 3] + [0, -1, *(0,) * T] + skipped
+        elif T is not None and len(values) == 3 * T + 5:  # no skipped count
+            values += [0]
+        n, ann, *rest, skipped = values
         T = (len(rest) - 3) // 3
         snn, adaptive, stops = rest[:T], rest[T], rest[T + 1:2 * T + 1]
         top5, ann5, snn5 = rest[2 * T + 1], rest[2 * T + 2], rest[2 * T + 3:]
         return cls(n, tuple(snn), ann if ann >= 0 else None, adaptive if adaptive >= 0 else None,
                    tuple(stops) if adaptive >= 0 else None, tuple(snn5) if top5 > 0 else None,
-                   ann5 if top5 > 0 and ann5 >= 0 else None)
+                   ann5 if top5 > 0 and ann5 >= 0 else None, skipped)
 
 
 def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -184,8 +194,18 @@ def loader(dataset: Dataset, batch_size: int, workers: int = 0) -> DataLoader:
 
 
 def images_only(batches: Iterable[Any]) -> Iterable[Tensor]:
-    """The images of ``(images, labels)`` batches (for calibration)."""
-    return (x for x, _ in batches)
+    """The images of ``(images, labels)`` batches (for calibration), without unreadable ones."""
+    for x, y in batches:
+        x, _, _ = readable(x, y)
+        if x.shape[0]:
+            yield x
+
+
+def readable(x: Any, y: Tensor) -> tuple[Any, Tensor, int]:
+    """The images and labels of a batch without those that could not be read, and how many those were."""
+    keep = y != SKIPPED
+    skipped = int((~keep).sum())
+    return (x, y, 0) if not skipped else (x[keep], y[keep], skipped)
 
 
 @torch.no_grad()
@@ -197,6 +217,10 @@ def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tenso
     simulation's running outputs, and the number of images stopping at each step; with
     ``top5``, also the images whose label is among the 5 highest outputs.
     """
+    x, y, skipped = readable(x, y)
+    if not y.shape[0]:
+        return replace(Tally.zero(T, with_ann=ann is not None, adaptive=stop_rule is not None, top5=top5),
+                       skipped=skipped)
     ann_out = None if ann is None else ann(x)
     ann_correct = None if ann_out is None else int((ann_out.argmax(-1) == y).sum())
     ann_correct5 = None if ann_out is None or not top5 else _in_top5(ann_out, y)
@@ -210,11 +234,12 @@ def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tenso
             tracker.update(out)
     n, top5_counts = int(y.shape[0]), tuple(snn_correct5) if top5 else None
     if tracker is None:
-        return Tally(n, tuple(snn_correct), ann_correct, snn_correct5=top5_counts, ann_correct5=ann_correct5)
+        return Tally(n, tuple(snn_correct), ann_correct, snn_correct5=top5_counts, ann_correct5=ann_correct5,
+                     skipped=skipped)
     steps, preds = tracker.result()
     stops = torch.bincount(steps.flatten() - 1, minlength=T).tolist()
     return Tally(n, tuple(snn_correct), ann_correct, int((preds == y).sum()), tuple(stops), top5_counts,
-                 ann_correct5)
+                 ann_correct5, skipped)
 
 
 def _in_top5(out: Tensor, y: Tensor) -> int:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -262,13 +264,28 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
     except PermissionError:
         raise CheckpointError(f"cannot read checkpoint {path}: permission denied; "
                               "check the file's permissions") from None
-    except Exception as e:  # corrupt files raise many types (pickle, zip, safetensors errors)
-        raise CheckpointError(f"cannot read checkpoint {path} ({' '.join(str(e).split())}): the file is "
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))  # how torch's restricted unpickler names what it refused
+        if named is None:  # a damaged pickle, not a refused one
+            raise CheckpointError(f"cannot read checkpoint {path} (not a readable pickle): the file is "
+                                  "truncated or corrupt; download or save it again") from None
+        raise CheckpointError(f"refused to load checkpoint {path}: besides tensors it holds Python objects "
+                              f"({named.group(1)}), which could run code when loaded; nothing in it was run. "
+                              "Save only the weights (torch.save(model.state_dict(), ...) or safetensors)") from None
+    except Exception as e:  # corrupt files raise many types (zip, safetensors errors)
+        reason = " ".join(str(e).split())[:300]
+        if "weights_only" in reason:  # never pass on torch's hint to unpickle without restrictions
+            reason = type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} ({reason}): the file is "
                               "truncated or corrupt; download or save it again") from None
     while isinstance(obj, Mapping) and not _is_state_dict(obj):
         obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if obj is None or not obj:
-        raise CheckpointError(f"no state dict found in {path} (looked under {', '.join(WRAPPER_KEYS)})")
+    if not isinstance(obj, Mapping) or not obj:
+        held = "" if obj is None or isinstance(obj, Mapping) else f": it holds a {type(obj).__name__}, not a dict"
+        raise CheckpointError(f"no state dict found in {path}{held} (looked for a dict of tensors, also under "
+                              f"{', '.join(WRAPPER_KEYS)})")
+    if not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"no state dict found in {path}: its keys are not all parameter names")
     state = dict(obj)
     for prefix in PREFIXES:
         if all(k.startswith(prefix) for k in state):

@@ -41,6 +41,18 @@ class SpikeRule(str, Enum):
 RULES = tuple(r.value for r in SpikeRule)
 """The spike rules' names, as the CLI's ``--rule`` takes them."""
 
+MAX_LEVELS = 16
+"""The most thresholds per side: the top one, θ·2**(n-1), stays finite (and exact) in float16 for θ < 2,
+and 2**15 is a dynamic range no calibrated site needs."""
+
+
+def check_levels(levels: object) -> int:
+    """``levels`` if it is an integer n in 1..MAX_LEVELS (not a bool, not a float), else InvalidInputError."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
+        raise InvalidInputError(f"levels must be an integer in 1..{MAX_LEVELS}, got {levels!r}")
+    return levels
+
+
 _NEAREST_SCALE = 4.0 / 3.0  # u = 4/3·|m|/θ: level k on u in [2**k, 2**(k+1))
 
 
@@ -147,10 +159,9 @@ class MTNeuron(Stateful):
     def __init__(self, theta_pos: float, theta_neg: float, levels: int,
                  rule: Union[str, SpikeRule] = SpikeRule.eq25) -> None:
         super().__init__()
-        if levels < 1:
-            raise InvalidInputError(f"levels must be a positive integer, got {levels}")
+        levels = check_levels(levels)
         theta = _theta(theta_pos, theta_neg)
-        if not torch.isfinite(theta).all() or (theta < 0).any():
+        if not torch.isfinite(theta * 2.0 ** (levels - 1)).all() or (theta < 0).any():
             raise ThresholdError(f"thresholds must be finite and >= 0, got {theta.tolist()}")
         self.levels = levels
         self.rule = check_rule(rule)

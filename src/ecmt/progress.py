@@ -26,11 +26,13 @@ Example:
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -41,14 +43,18 @@ from .adaptive import StopRule
 from .conversion import SpikingModel
 from .distributed import Context, all_gather, all_reduce_sum, batch_ids, count_batches, whole_batches
 from .energy import Measurement
-from .errors import ResumeError
+from .errors import InvalidFileError, OutputError, ResumeError
 from .evaluation import ProgressLog, Tally, _running, evaluate
+from .serialization import Choice, Int, Json, ListOf, Opt, Record
 
 FORMAT = "ecmt-progress"
 PROGRESS_FILE = "progress.json"
 """Name of the progress file in an output directory."""
 SNN_FILE = "snn.safetensors"
 """Name of the converted SNN saved in an output directory right after calibration."""
+LOCK_FILE = ".ecmt.lock"
+"""Name of the lock file by which one run at a time holds an output directory."""
+MAX_COUNT = 10 ** 12
 
 
 @dataclass(frozen=True)
@@ -87,23 +93,76 @@ class Progress:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Progress":
-        """Inverse of :meth:`to_dict`, also after a round trip through JSON."""
+        """Inverse of :meth:`to_dict`, also after a round trip through JSON.
+
+        Raises:
+            InvalidFileError: ``d`` does not fit :data:`SCHEMA`, or its counts contradict each other.
+        """
+        SCHEMA(d, "progress")
+        T, tally = d["fingerprint"].get("T"), d["tally"]
+        if not isinstance(T, int) or len(tally) not in (3 * T + 6, 3 * T + 5, 2 * T + 4, 2 * T + 3):
+            raise InvalidFileError(f"progress.tally: expected 3T + 6 counts for T = {T!r} (see Tally.to_tensor; "
+                                   f"2T + 3, 2T + 4 or 3T + 5 from earlier versions), got {len(tally)}")
+        if d["done"] > d["batches"]:
+            raise InvalidFileError(f"progress.done: {d['done']} of only {d['batches']} batches")
+        n, ann, snn = tally[0], tally[1], tally[2:2 + T]
+        skipped_known = len(tally) in (3 * T + 6, 2 * T + 4)
+        if n < 0 or (skipped_known and tally[-1] < 0) or any(not 0 <= c <= n for c in snn) or ann > n:
+            raise InvalidFileError("progress.tally: counts outside 0..n")
         m = d["measurement"]
-        return cls(d["fingerprint"], int(d["batches"]), int(d["done"]),
-                   Tally.from_tensor(torch.tensor(d["tally"], dtype=torch.int64), d["fingerprint"].get("T")),
-                   None if m is None else Measurement.from_dict(m), d.get("info", {}))
+        try:
+            measurement = None if m is None else Measurement.from_dict(m)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise InvalidFileError("progress.measurement: not a measurement record") from None
+        return cls(d["fingerprint"], d["batches"], d["done"], Tally.from_tensor(torch.tensor(tally, dtype=torch.int64), T),
+                   measurement, d.get("info", {}))
+
+
+SCHEMA = Record({
+    "format": Choice(FORMAT), "fingerprint": Record({}, extra=Json(1 << 16)), "batches": Int(1, MAX_COUNT),
+    "done": Int(0, MAX_COUNT), "tally": ListOf(Int(-1, MAX_COUNT), 5, 3 * 100_000 + 6),
+    "measurement": Opt(Json(1 << 26)), "info": Json(1 << 20),
+}, required=("format", "fingerprint", "batches", "done", "tally", "measurement"))
+"""The progress file, checked like an SNN file's metadata (:mod:`ecmt.serialization`)."""
 
 
 def save_progress(progress: Progress, path: Path) -> Path:
     """Write ``progress`` to ``path`` atomically: a killed process leaves the old file or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(progress.to_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(progress.to_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def lock_directory(directory: Path) -> IO[str]:
+    """Hold ``directory`` for this run (an exclusive ``fcntl`` lock on its lock file) until the returned
+    file is closed or the process ends.
+
+    Raises:
+        OutputError: Another run holds it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise OutputError(f"another ecmt run (pid {holder}) is writing to {directory}: wait for it to finish, "
+                          "or choose another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def load_progress(path: Path) -> Progress:
@@ -116,15 +175,20 @@ def load_progress(path: Path) -> Progress:
         raise ResumeError(f"no progress file {path}: nothing to resume (run without --resume to start)")
     try:
         d = json.loads(path.read_text())
-        if d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError
-        return Progress.from_dict(d)
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, OSError, RecursionError):
         raise ResumeError(f"{path} is not an ecmt progress file; remove it to start again") from None
+    try:
+        return Progress.from_dict(d)
+    except InvalidFileError as e:
+        raise ResumeError(f"{path} is damaged ({e}); remove it to start again") from None
 
 
-def check_progress(progress: Progress, fingerprint: Mapping[str, Any], path: Path) -> None:
-    """Refuse to continue ``progress`` in a run of another fingerprint.
+def check_progress(progress: Progress, fingerprint: Mapping[str, Any], path: Path, images: Optional[int] = None,
+                   batch_size: Optional[int] = None) -> None:
+    """Refuse to continue ``progress`` in a run of another fingerprint, or (given ``images`` and
+    ``batch_size``) one whose counts do not fit its batches of the dataset.
 
     Raises:
         ResumeError: Naming the settings that differ, with the old and new values.
@@ -134,6 +198,11 @@ def check_progress(progress: Progress, fingerprint: Mapping[str, Any], path: Pat
     if diff:
         raise ResumeError(f"cannot resume {path}: it is the progress of another run ({'; '.join(diff)}); "
                           "run with the same settings, or without --resume in another --out directory")
+    if images is not None and batch_size is not None:
+        total, seen = -(-images // batch_size), progress.tally.n + progress.tally.skipped
+        if progress.batches != total or seen != min(progress.done * batch_size, images):
+            raise ResumeError(f"{path} is damaged: {progress.done} of {progress.batches} batches done with {seen} "
+                              f"images counted, for {total} batches of {batch_size}; remove it to start again")
 
 
 @torch.no_grad()
@@ -176,7 +245,8 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
     """
     total = count_batches(dataset, batch_size)
     if start is not None:
-        check_progress(start, fingerprint, path or Path(PROGRESS_FILE))
+        images = len(dataset)  # type: ignore[arg-type]
+        check_progress(start, fingerprint, path or Path(PROGRESS_FILE), images, batch_size)
     # the empty tally of this configuration (ANN or not, adaptive or not)
     empty, _ = evaluate(ann, snn, [], T, progress=False, stop_rule=stop_rule, top5=top5)
     state = start or Progress(dict(fingerprint), total, 0, empty, None, dict(info or {}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -100,11 +101,25 @@ def _adaptive_line(row: Mapping[str, Any]) -> str:
             f"at {a['mean_steps']:.2f} steps on average{energy}")
 
 
+def to_json(record: Any) -> str:
+    """``record`` as indented, valid JSON: NaN and ±Inf (e.g. a correlation of too few values) become null."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, Mapping):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(record), indent=2, allow_nan=False)
+
+
 def write_json(record: Mapping[str, Any], path: PathLike) -> Path:
-    """Write ``record`` as indented JSON."""
+    """Write ``record`` as indented JSON (see :func:`to_json`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    path.write_text(to_json(record) + "\n", encoding="utf-8")
     return path
 
 

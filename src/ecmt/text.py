@@ -24,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -282,16 +283,41 @@ def _sentence_transformers_head(path: Path) -> dict[str, Any]:
     return head
 
 
-def read_texts(path: Union[str, Path]) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, stripped.
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+"""Byte order marks and the encodings they announce (UTF-32's first: its LE mark starts like UTF-16's)."""
+
+
+def decode_text(data: bytes, path: Union[str, Path]) -> str:
+    """``data`` decoded as UTF-8, or as the UTF-16/32 its byte order mark announces.
 
     Raises:
-        DatasetError: The file is missing or has no text.
+        DatasetError: Not text in those encodings (Latin-1, binary, ...): names the file and the
+            offset of the first byte that does not decode.
+    """
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not {encoding.upper().replace('-SIG', '')} text: byte 0x{data[e.start]:02x} "
+                           f"at offset {e.start} does not decode; convert it (e.g. iconv -f latin1 -t utf-8)") from None
+    if "\0" in text:
+        raise DatasetError(f"{path} is not a text file: it holds a NUL character at offset {text.index(chr(0))} "
+                           "(of the decoded text)")
+    return text
+
+
+def read_texts(path: Union[str, Path]) -> list[str]:
+    """Non-empty lines of a text file (UTF-8, or UTF-16/32 with a byte order mark), stripped.
+
+    Raises:
+        DatasetError: The file is missing, not text in those encodings, or has no text.
     """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise DatasetError(f"cannot read texts from {path}: {e.strerror}") from None
+    lines = decode_text(data, path).splitlines()
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise DatasetError(f"{path} contains no text")

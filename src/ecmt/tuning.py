@@ -38,7 +38,8 @@ from . import registry
 from .calibration import ActivationStats, bucket_values, collect_statistics, model_input, to_device
 from .conversion import SpikingModel, convert, set_thresholds
 from .fusion import MIN_NUMEL
-from .neurons import MTNeuron, SpikeRule, check_rule
+from .errors import InvalidInputError
+from .neurons import MTNeuron, SpikeRule, check_levels, check_rule
 from .simulation import simulate_steps
 from .thresholds import Thresholds
 
@@ -176,6 +177,9 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
         >>> snn = ecmt.convert(vit, th, levels=8)               # doctest: +SKIP
     """
     rule = check_rule(rule)
+    check_levels(levels)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise InvalidInputError(f"budget must be a positive integer (simulations to spend), got {budget!r}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = [to_device(model_input(b), device) for b, _ in zip(batches, range(max_batches or 1 << 62))]
     stats = collect_statistics(model, inputs, example=example, path=path, per_channel=per_channel)
