@@ -2,7 +2,8 @@
 # Refreshes requirements.lock: builds a new virtual environment (.venv-lock) from nothing,
 # installs the newest releases that pyproject.toml's ranges allow (scripts/setup.sh --latest,
 # test tools and the llm extra included), and writes `pip freeze` of it, every direct and
-# indirect dependency with its exact version, ecmt itself and requirements-models.txt left out.
+# indirect dependency with its exact version (setuptools included: torch needs it), ecmt itself,
+# pip and requirements-models.txt left out.
 # Then run the suite on the new lock: ./scripts/test.sh (README, "Testing").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +15,9 @@ rm -rf .venv-lock
 import platform, re, subprocess, sys, time
 
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-skip = {"ecmt"} | {norm(line.split("==")[0]) for line in open("requirements-models.txt")
+skip = {"ecmt", "pip"} | {norm(line.split("==")[0]) for line in open("requirements-models.txt")
                    if line.strip() and not line.startswith("#")}
-frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"],
                         check=True, capture_output=True, text=True).stdout.splitlines()
 print("# Exact versions of every direct and indirect dependency of ecmt[test,llm] that the suite")
 print("# was run with; scripts/setup.sh installs from this file. Written by scripts/lock.sh (do not")
