@@ -3,7 +3,8 @@
 #
 #   ./scripts/setup.sh             exact versions from requirements.lock (what CI tests)
 #   ./scripts/setup.sh --latest    the newest releases that pyproject.toml's ranges allow
-#   ./scripts/setup.sh --venv DIR  install into DIR (created when missing), whatever is active
+#   ./scripts/setup.sh --venv DIR  install into DIR (created when missing; relative to the
+#                                  checkout), whatever environment is active
 #   ./scripts/setup.sh --venv-only only pick or create the environment, print its python, stop
 #
 # Where it installs: inside a virtual environment (VIRTUAL_ENV set, or `python3` on PATH is a
