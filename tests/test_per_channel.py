@@ -92,3 +92,15 @@ def test_per_channel_thresholds_fold_into_weight_columns(rule):
     assert any(isinstance(m, BinarySpikingLinear) and m.neuron.per_channel for m in binary.net.modules())
     x = torch.randn(3, *shape)
     torch.testing.assert_close(ecmt.simulate(binary, x, T=12), ecmt.simulate(snn, x, T=12), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_convert_per_channel(tmp_path):
+    from ecmt import cli, serialization
+
+    path = tmp_path / "pc.snn.safetensors"
+    assert cli.main(["convert", "--model", "fmnist-vit", "--dataset", "fashion-mnist", "--calib-batches", "1",
+                     "--batch-size", "8", "--per-channel", "-o", str(path)]) == 0
+    saved = serialization.read(path)
+    sites = saved.snn.thresholds.per_channel()
+    assert sites and all(n.endswith(".neuron") for n in sites)
+    assert any(n.per_channel for _, n in saved.snn.neurons())

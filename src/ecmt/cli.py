@@ -210,6 +210,9 @@ def _conversion_options(p: argparse.ArgumentParser, *, evaluated: bool = True) -
                         + (f"tunes for --T when it is at most {TUNE_AUTO_MAX}, else for {TUNE_DEFAULT}" if evaluated
                            else f"tunes for T = {TUNE_DEFAULT}"))
     _rule_option(p, tune=True)
+    p.add_argument("--per-channel", action="store_true",
+                   help="base thresholds per input channel of every Linear layer (scaled by each channel's "
+                        "largest activation), for activations with outlier channels (LLMs)")
 
 
 def _rule_option(p: argparse.ArgumentParser, tune: bool) -> None:
@@ -439,7 +442,8 @@ def _calibrate(setup: Setup, args: argparse.Namespace,
     images = _calibration_images(setup, args)
     ids = distributed.batch_ids(distributed.count_batches(images, args.batch_size), ctx)
     batches = images_only(distributed.whole_batches(images, args.batch_size, ids, args.workers))
-    stats = collect_statistics(setup.bundle.model.to(setup.device), batches, progress=_progress())
+    stats = collect_statistics(setup.bundle.model.to(setup.device), batches, progress=_progress(),
+                               per_channel=getattr(args, "per_channel", False))
     info = {"source": setup.data.calibration_source, "images": len(images),
             "batches": distributed.count_batches(images, args.batch_size),
             "seconds": round(time.perf_counter() - start, 1)}
@@ -461,7 +465,7 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
     start = time.perf_counter()
     images = _calibration_images(setup, args)
     th = tune(setup.bundle.model.to(setup.device), images_only(loader(images, args.batch_size, args.workers)),
-              T=args.tune, levels=levels, progress=_progress(), rule=_rule(args))
+              T=args.tune, levels=levels, progress=_progress(), rule=_rule(args), per_channel=args.per_channel)
     snn = convert(setup.bundle.model, th, levels=levels)
     snn.spec = setup.bundle.spec
     info = {"source": setup.data.calibration_source, "images": len(images),
@@ -629,7 +633,7 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
     record = evaluate_text(model, texts, calib_texts, T=args.T, levels=args.levels or 8,
                            percentile=args.percentile or 99.0, batch_size=args.batch_size, device=args.device,
                            tune=args.tune, snn=snn, energy_texts=args.energy_texts,
-                           rule=None if snn is not None else _rule(args))
+                           rule=None if snn is not None else _rule(args), per_channel=args.per_channel)
     energy = record.pop("energy", None)
     record.update(snn_file=args.snn, limit=args.limit, seed=args.seed, seconds=round(time.perf_counter() - start, 1))
     try:
@@ -679,7 +683,7 @@ def run_text_convert(args: argparse.Namespace) -> int:
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
     tm = load_text_model(args.model, args.device)
     snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
-                       batch_size=args.batch_size, rule=_rule(args))
+                       batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel)
     path = save(snn, args.output, ann=tm.model)
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
@@ -772,6 +776,7 @@ def _record(args: argparse.Namespace, setup: Setup, snn: SpikingModel, tally: Ta
         "levels": snn.levels,
         "percentile": snn.thresholds.percentile,
         "rule": snn.thresholds.rule.value,
+        "per_channel": bool(snn.thresholds.per_channel()),
         "n_images": tally.n,
         "skipped": tally.skipped,
         "steps_within_1pt": steps_within(snn_top1, tally.ann_top1),

@@ -464,7 +464,7 @@ def text_ops_report(name_or_path: str, tokens: Optional[int] = None) -> dict[str
 def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, levels: int = 8,
                  percentile: Optional[float] = 99.0, *, tune: Optional[int] = None, batch_size: int = 32,
                  overrides: Optional[Mapping[str, Override]] = None,
-                 rule: Union[str, SpikeRule, None] = None) -> SpikingModel:
+                 rule: Union[str, SpikeRule, None] = None, per_channel: bool = False) -> SpikingModel:
     """Calibrate (or tune) and convert a sentence encoder; ``snn.spec`` is set for saving.
 
     Args:
@@ -478,6 +478,7 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
         overrides: Per-site threshold overrides (with ``percentile`` only).
         rule: The MT neurons' spike rule (:class:`ecmt.neurons.SpikeRule`); default: ``nearest`` when
             tuning, ``eq25`` (the paper's) otherwise.
+        per_channel: Base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`).
 
     Example:
         >>> snn = convert_text(load_text_model("minilm"), tune=4)                     # doctest: +SKIP
@@ -488,9 +489,11 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
     if tune is not None:
         if overrides:
             raise InvalidInputError("threshold overrides cannot be combined with tuning")
-        thresholds = tune_thresholds(tm.model, batches, T=tune, levels=levels, rule=rule or SpikeRule.nearest)
+        thresholds = tune_thresholds(tm.model, batches, T=tune, levels=levels, rule=rule or SpikeRule.nearest,
+                                     per_channel=per_channel)
     else:
-        thresholds = calibrate(tm.model, batches, 99.0 if percentile is None else percentile, overrides)
+        thresholds = calibrate(tm.model, batches, 99.0 if percentile is None else percentile, overrides,
+                               per_channel=per_channel)
     snn = convert(tm.model, thresholds, levels=levels, rule=rule)
     if tm.source is not None:
         snn.spec = text_spec(tm)
@@ -503,7 +506,7 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
                   overrides: Optional[Mapping[str, Override]] = None,
                   device: Union[str, torch.device] = "cpu", *, tune: Optional[int] = None,
                   snn: Optional[SpikingModel] = None, energy_texts: int = 32,
-                  rule: Union[str, SpikeRule, None] = None) -> dict[str, Any]:
+                  rule: Union[str, SpikeRule, None] = None, per_channel: bool = False) -> dict[str, Any]:
     """Calibrate, convert and simulate a sentence encoder; compare its embeddings to the ANN's.
 
     Args:
@@ -548,7 +551,7 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         raise InvalidInputError(f"need at least 2 texts to measure on, got {len(texts)}")
     if snn is None:
         snn = convert_text(tm, calib_texts, levels, percentile, tune=tune, batch_size=batch_size,
-                           overrides=overrides, rule=rule)
+                           overrides=overrides, rule=rule, per_channel=per_channel)
     ann_emb = tm.encode(texts, batch_size)
     snn_emb = tm.encode_spiking(snn, texts, T, batch_size)
 
@@ -562,6 +565,7 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         "rank_agreement": by_step(rank_agreement_by_step(snn_emb, ann_emb)),
         "cosine_min": by_step(cosine.min(-1).values),
         "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "rule": snn.thresholds.rule.value,
+        "per_channel": bool(snn.thresholds.per_channel()),
         "n_texts": len(texts),
         "tuned": dict(snn.thresholds.meta) or None,
     }
