@@ -25,24 +25,25 @@ def _data():
     return model, [torch.randn(4, *shape, generator=g) for _ in range(5)]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, kwargs: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     ctx = distributed.init("cpu")
     model, batches = _data()
-    th = ecmt.calibrate(model, distributed.shard(batches, ctx))
+    th = ecmt.calibrate(model, distributed.shard(batches, ctx), **kwargs)
     if ctx.is_main:
         torch.save(th.sites, out)
     distributed.shutdown()
 
 
-def test_two_process_calibration_equals_one_process(tmp_path):
+@pytest.mark.parametrize("kwargs", [{}, {"path": "graph"}, {"per_channel": True}], ids=["adapter", "graph", "per_channel"])
+def test_two_process_calibration_equals_one_process(tmp_path, kwargs):
     out = str(tmp_path / "th.pt")
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    port = 29500 + os.getpid() % 1000 + 7 * len(kwargs) + (3 if "per_channel" in kwargs else 0)
+    mp.spawn(_worker, args=(2, port, out, kwargs), nprocs=2, join=True)
     model, batches = _data()
-    assert torch.load(out) == ecmt.calibrate(model, batches).sites
+    assert torch.load(out) == ecmt.calibrate(model, batches, **kwargs).sites
 
 
 def test_shard_splits_batches_without_duplicates():
