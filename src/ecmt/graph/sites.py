@@ -61,7 +61,6 @@ class Rewriter:
         self.bad: list[tuple[str, str]] = []
         self.static: dict[fx.Node, bool] = {}
         self.values: dict[fx.Node, Any] = {}
-        self.dtype = next((p.dtype for p in ann.parameters() if p.is_floating_point()), torch.float32)
         self.nonlinear_per_path = Counter()
 
     # ------------------------------------------------------------------ helpers
