@@ -517,8 +517,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         _refuse(args, [*IMAGE_ONLY, "adaptive", "resume", "snn", "tune"],
                 "these options are not available for a language model")
         return run_lm_evaluate(args)
-    if getattr(args, "energy_texts", None) is None:
-        args.energy_texts = 32
     _refuse(args, ["max_tokens"], "--max-tokens is for language models")
     if getattr(args, "texts", None) is not None or is_text_model(args.model) or _is_text_snn(args.snn):
         if stop_rule is not None:
@@ -527,6 +525,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise UsageError("a sentence encoder is evaluated in one go, in one process: no --resume, no torchrun")
         _refuse(args, IMAGE_ONLY, "these options are for image classifiers, not for a sentence encoder "
                                   "(its sentences: --texts, --calib-texts, --energy-texts)")
+        if args.energy_texts is None:
+            args.energy_texts = 32
         return run_text_evaluate(args)
     _refuse(args, TEXT_ONLY, "these options are for sentence encoders (--model minilm or a model folder)")
     start = time.perf_counter()
