@@ -29,8 +29,9 @@ def test_reduce_equals_the_full_simulation_reduced(llama):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_snn_perplexity_approaches_the_ann_as_T_grows(kind):
-    r = lm.evaluate_lm(tiny_lm(kind), TEXTS, CALIB, T=32, energy_texts=1)
+def test_snn_perplexity_approaches_the_ann_as_T_grows(kind, llama):
+    model, snn = llama if kind == "llama" else (tiny_lm(kind), None)  # converted on CALIB either way
+    r = lm.evaluate_lm(model, TEXTS, CALIB, T=32, energy_texts=1, snn=snn)
     err = {t: abs(r["ppl"][str(t)] / r["ann_ppl"] - 1) for t in (1, 32)}
     assert err[32] < err[1] and err[32] < 0.01
     assert r["agreement"]["32"] >= r["agreement"]["1"] and r["agreement"]["32"] > 0.85
@@ -64,8 +65,10 @@ def test_calibration_texts_are_never_evaluated():
     assert not set(calib) & set(texts) and len(texts) == len(sentences) - 3
 
 
-def test_cli_evaluate_and_generate_on_a_tiny_model(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: tiny_lm("llama"))
+def test_cli_evaluate_and_generate_on_a_tiny_model(monkeypatch, tmp_path, capsys, llama):
+    model, snn = llama  # conversion is tested above: here only the command line
+    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)
+    monkeypatch.setattr(lm, "convert_lm", lambda *a, **k: snn)
     out = tmp_path / "r.json"
     assert cli.main(["evaluate", "--model", "smollm2", "--texts", GPL, "--T", "4", "--limit", "2", "--batch-size", "2",
                      "--energy-texts", "1", "--json", str(out), "--out", str(tmp_path / "o")]) == 0
