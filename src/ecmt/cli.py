@@ -385,7 +385,8 @@ def _check_model_name(name: Optional[str]) -> None:
     Raises:
         UnsupportedModelError: ``name`` is no reference model, sentence encoder, timm name or folder.
     """
-    if name is None or name in REFERENCE_MODELS or is_text_model(name) or lm.is_language_model(name) or Path(name).exists():
+    if (name is None or name in REFERENCE_MODELS or is_text_model(name) or lm.is_language_model(name)
+            or Path(name).exists()):
         return
     import timm
 
