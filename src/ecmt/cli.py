@@ -13,6 +13,11 @@ Subcommands:
 * ``ecmt sweep``: accuracy against T for several numbers of levels and percentiles from one
   calibration (paper Fig. 5).
 * ``ecmt ops``: the theoretical MACs per module of an architecture (paper Table 3).
+* ``ecmt generate``: greedy decoding of a causal LM's SNN beside its ANN (:mod:`ecmt.lm`).
+
+For a causal language model (``--model smollm2``, a ``.gguf`` file or a ``*ForCausalLM``
+folder), ``ecmt evaluate --texts FILE`` reads FILE as prose split into sentences and reports
+the perplexity and next-token agreement of the SNN at every t beside the ANN's perplexity.
 
 Calibration data is the dataset's training split when it has one (Fashion-MNIST, MNIST);
 an image folder has none, so its calibration images are a random sample of the evaluated
@@ -60,6 +65,7 @@ from .outputs import claim, results_or_stdout
 from .progress import PROGRESS_FILE, SNN_FILE, Progress, check_progress, evaluate_dataset, load_progress
 from .tuning import tune
 from .results import format_table, per_step_rows, steps_within, sweep_rows, table_steps, write_csv, write_json
+from . import lm
 from .text import (TEXT_MODELS, convert_text, evaluate_text, is_text_model, load_text_model, packaged_texts,
                    read_texts, saved_text_model, text_ops_report)
 
@@ -269,9 +275,12 @@ def _text_options(p: argparse.ArgumentParser) -> None:
                    help="sentence encoders (--model minilm or a model folder): measure the SNN's sentence "
                         "embeddings on these sentences, one per line (default: the packaged held-out set)")
     _calib_texts_option(p)
-    p.add_argument("--energy-texts", type=_non_negative_int, default=32, metavar="N",
+    p.add_argument("--energy-texts", type=_non_negative_int, default=None, metavar="N",
                    help="sentence encoders: count operations and spikes on N of the sentences, spread over "
-                        "their lengths, each simulated alone without padding (default: 32; 0: off)")
+                        "their lengths, each simulated alone without padding (default: 32, language models: 2; "
+                        "0: off)")
+    p.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N",
+                   help="language models: truncate each evaluated sentence to N tokens (default: 64)")
 
 
 def _calib_texts_option(p: argparse.ArgumentParser) -> None:
@@ -342,6 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's length limit)")
     p.add_argument("--json", metavar="FILE", help="write the counts (plain integers) as JSON")
     _finish(p, run_ops)
+
+    p = sub.add_parser("generate", parents=[_base()], help="greedy text generation by a language model's SNN",
+                       description="Each token from a T-step simulation of the whole prefix, beside the ANN's.")
+    p.add_argument("--model", required=True, metavar="NAME", help="smollm2, a .gguf file or a causal LM folder")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--T", type=_positive_int, default=DEFAULT_T, metavar="T", help="time steps per token")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="tokens to generate")
+    p.add_argument("--levels", type=_positive_int, default=8, metavar="N", help="thresholds per side (default: 8)")
+    p.add_argument("--percentile", type=_percentile, default=99.0, metavar="P", help="calibration percentile")
+    _rule_option(p, tune=False)
+    _calib_texts_option(p)
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads for torch")
+    _finish(p, run_generate)
     return parser
 
 
@@ -389,7 +411,8 @@ def _check_model_name(name: Optional[str]) -> None:
     Raises:
         UnsupportedModelError: ``name`` is no reference model, sentence encoder, timm name or folder.
     """
-    if name is None or name in REFERENCE_MODELS or is_text_model(name) or Path(name).exists():
+    if (name is None or name in REFERENCE_MODELS or is_text_model(name) or lm.is_language_model(name)
+            or Path(name).exists()):
         return
     import timm
 
@@ -518,6 +541,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     stop_rule = _stop_rule(args)
     _check_model_name(args.model)
     _resolve_tune(args)
+    if lm.is_language_model(args.model):
+        _refuse(args, [*IMAGE_ONLY, "adaptive", "resume", "snn", "tune"],
+                "these options are not available for a language model")
+        return run_lm_evaluate(args)
+    _refuse(args, ["max_tokens"], "--max-tokens is for language models")
     if getattr(args, "texts", None) is not None or is_text_model(args.model) or _is_text_snn(args.snn):
         if stop_rule is not None:
             raise UsageError("--adaptive needs a classifier: a sentence encoder has no top-1 class to settle")
@@ -525,6 +553,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise UsageError("a sentence encoder is evaluated in one go, in one process: no --resume, no torchrun")
         _refuse(args, IMAGE_ONLY, "these options are for image classifiers, not for a sentence encoder "
                                   "(its sentences: --texts, --calib-texts, --energy-texts)")
+        if args.energy_texts is None:
+            args.energy_texts = 32
         return run_text_evaluate(args)
     _refuse(args, TEXT_ONLY, "these options are for sentence encoders (--model minilm or a model folder)")
     start = time.perf_counter()
@@ -659,6 +689,61 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
     setting = f"tuned for T = {record['tuned']['tuned_T']}" if record.get("tuned") else f"p = {record['percentile']}"
     print(f"{record['n_texts']} sentences; n = {record['levels']}, {setting}, rule {record['rule']}"
           + (f"; energy ratio (Eq. 30) on {record['energy_texts']} of them, each alone" if ratio else ""))
+    return 0
+
+
+def run_lm_evaluate(args: argparse.Namespace) -> int:
+    """``ecmt evaluate`` on a causal LM: perplexity and next-token agreement of the SNN per T."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    seed_everything(args.seed)
+    _quiet_libraries(args)
+    if args.texts is None:
+        raise UsageError("--texts FILE is required for a language model (prose, e.g. /usr/share/common-licenses/GPL-3)")
+    calib, texts = lm.split_texts(lm.prose_sentences(args.texts),
+                                  None if args.calib_texts is None else read_texts(args.calib_texts), args.limit)
+    model = lm.load_lm(args.model, args.device, max_length=args.max_tokens)
+    _log(f"ecmt: evaluating {args.model} on {len(texts)} sentences of {args.texts}, calibrated on {len(calib)} "
+         f"others (T = {args.T})")
+    with tqdm(total=1, desc="batches", disable=_progress(), file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        record = lm.evaluate_lm(model, texts, calib, T=args.T, levels=args.levels or 8,
+                                percentile=args.percentile or 99.0, batch_size=args.batch_size,
+                                energy_texts=2 if args.energy_texts is None else args.energy_texts,
+                                rule=_rule(args), progress=progress)
+    energy = record.pop("energy", None)
+    record.update(texts=args.texts, limit=args.limit, seconds=round(time.perf_counter() - start, 1))
+    written = [write_json(record, args.json)] if args.json else []
+    if args.out:
+        from . import plots
+
+        out, ext = Path(args.out), args.plot_format
+        written += [write_json(record, out / "results.json"), plots.plot_perplexity(record, out / f"perplexity.{ext}")]
+        if energy is not None:
+            written += [write_json(energy, out / "energy.json"), *_energy_plots(record, energy, out, ext)]
+    for path in written:
+        _log(f"ecmt: wrote {path}")
+    print(lm.summary(record, table_steps(args.T)))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """``ecmt generate``: the SNN's greedy continuation, streamed, then the ANN's and the agreement."""
+    _quiet_libraries(args)
+    model = lm.load_lm(args.model)
+    calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
+    snn = lm.convert_lm(model, calib, args.levels, args.percentile, rule=_rule(args))
+    print(f"SNN (T = {args.T}): {args.prompt}", end="", flush=True)
+    g = lm.generate(model, snn, args.prompt, args.T, args.max_new_tokens,
+                    on_text=lambda piece: print(piece, end="", flush=True))
+    print(f"\nANN:          {args.prompt}{g.ann_text}")
+    print(f"{g.common_prefix} of {len(g.ann_tokens)} leading tokens identical ({g.agreeing} equal by position); "
+          f"cost per token {g.cost_ratio:.1f}x the ANN's ({g.snn_seconds:.3f} s against {g.ann_seconds:.3f} s, "
+          "both without a KV cache)")
     return 0
 
 

@@ -389,3 +389,29 @@ def plot_text_fidelity(result: Mapping[str, Any], path: PathLike) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def plot_perplexity(result: Mapping[str, Any], path: PathLike) -> Path:
+    """Perplexity of the SNN against T beside the ANN's, and next-token agreement with the ANN.
+
+    Args:
+        result: A record of :func:`ecmt.lm.evaluate_lm` (``ppl``, ``agreement`` keyed by
+            ``str(t)``; ``ann_ppl``, ``model``, ``levels``, ``percentile``).
+        path: The image to write.
+    """
+    title = f"{result.get('model', 'SNN')}, n = {result.get('levels')}, p = {result.get('percentile')}"
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    steps, values = _by_step(result["ppl"])
+    left.plot(steps, values, marker="o", markersize=3, color="C0", label="SNN")
+    left.axhline(result["ann_ppl"], color="black", linestyle="--", linewidth=1, label="ANN")
+    left.set(xlabel="time steps T", ylabel="perplexity", yscale="log", title=title)
+    steps, values = _by_step(result["agreement"], 100.0)
+    right.plot(steps, values, marker="o", markersize=3, color="C1", label="top-1 agreement")
+    right.set(xlabel="time steps T", ylabel="next-token agreement with the ANN (%)", ylim=(0, 100),
+              title="agreement with the ANN")
+    for ax in (left, right):
+        _integer_steps(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)

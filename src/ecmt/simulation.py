@@ -1,7 +1,7 @@
 """Running a converted network over time steps."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -35,19 +35,26 @@ def simulate_steps(snn: SpikingModel, x: Any, T: int) -> Iterator[Tensor]:
         yield total / t
 
 
-def simulate(snn: SpikingModel, x: Any, T: int) -> Tensor:
+def simulate(snn: SpikingModel, x: Any, T: int, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Simulate ``snn`` on input ``x`` for ``T`` steps.
 
     Args:
         snn: A network from :func:`ecmt.convert`.
         x: The input, as the ANN takes it (a tensor, or a dict of tensors for text models).
         T: Number of time steps.
+        reduce: Applied to the running estimate after each step, so that only its (small)
+            result is kept: memory stays flat in T (e.g. the log-likelihood of the next
+            tokens instead of ``[B, L, vocab]`` logits). None: keep the estimates.
 
     Returns:
-        Tensor ``[T, *ann_output_shape]``: ``out[t-1]`` is the mean SNN output over steps 1..t.
+        Tensor ``[T, *ann_output_shape]``: ``out[t-1]`` is the mean SNN output over steps 1..t;
+        with ``reduce``, ``[T, *reduce_output_shape]``: ``out[t-1] = reduce(mean over 1..t)``.
 
     Example:
         >>> out = ecmt.simulate(snn, images, T=16)   # doctest: +SKIP
         >>> out[-1].argmax(-1)                        # doctest: +SKIP
+        >>> ll = ecmt.simulate(snn, batch, T=32, reduce=lambda y: y.log_softmax(-1).amax(-1).sum())  # doctest: +SKIP
     """
-    return torch.stack(list(simulate_steps(snn, x, T)))
+    if reduce is None:
+        return torch.stack(list(simulate_steps(snn, x, T)))
+    return torch.stack([torch.as_tensor(reduce(y)) for y in simulate_steps(snn, x, T)])

