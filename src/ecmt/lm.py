@@ -193,9 +193,10 @@ def lm_reducer(batch: dict[str, Tensor], ann_top1: Tensor) -> Callable[[Tensor],
 
 
 def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: float = 99.0,
-               batch_size: int = 8, rule: Union[str, SpikeRule, None] = None) -> SpikingModel:
-    """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path)."""
-    thresholds = calibrate(lm.model, lm.batches(list(calib_texts), batch_size), percentile)
+               batch_size: int = 8, rule: Union[str, SpikeRule, None] = None, per_channel: bool = False) -> SpikingModel:
+    """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path); ``per_channel``:
+    base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`)."""
+    thresholds = calibrate(lm.model, lm.batches(list(calib_texts), batch_size), percentile, per_channel=per_channel)
     return convert(lm.model, thresholds, levels=levels, rule=rule)
 
 
