@@ -736,7 +736,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _quiet_libraries(args)
     model = lm.load_lm(args.model)
     calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
-    snn = lm.convert_lm(model, calib, args.levels, args.percentile, rule=_rule(args), per_channel=args.per_channel)
+    snn = lm.convert_lm(model, calib, args.levels, args.percentile, rule=_rule(args), per_channel=getattr(args, "per_channel", False))
     print(f"SNN (T = {args.T}): {args.prompt}", end="", flush=True)
     g = lm.generate(model, snn, args.prompt, args.T, args.max_new_tokens,
                     on_text=lambda piece: print(piece, end="", flush=True))
