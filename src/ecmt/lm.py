@@ -29,11 +29,10 @@ from torch import Tensor, nn
 
 from .calibration import calibrate
 from .conversion import SpikingModel, convert
-from .energy import energy_report
 from .errors import DatasetError, InvalidInputError
 from .neurons import SpikeRule
 from .simulation import simulate, simulate_steps
-from .text import measure_text, packaged_texts, spread
+from .text import energy_fields, packaged_texts, spread
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -255,11 +254,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         "n_texts": len(texts), "n_tokens": tokens,
     }
     if energy_texts > 0:
-        report = energy_report(measure_text(snn, lm.batches(spread(texts, energy_texts), batch_size), T))
-        record.update(energy_ratio=report["energy_ratio"], energy_ratio_full=report["energy_ratio_full"],
-                      energy_texts=report["samples"],
-                      firing_rates={k: report["firing_rates"][k] for k in ("levels", "mean", "layers")},
-                      energy=report)
+        record.update(energy_fields(snn, lm.batches(spread(texts, energy_texts), batch_size), T))
     return record
 
 

@@ -628,9 +628,14 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         "tuned": dict(snn.thresholds.meta) or None,
     }
     if energy_texts > 0:
-        report = energy_report(measure_text(snn, tm.batches(spread(texts, energy_texts), batch_size), T))
-        record.update(energy_ratio=report["energy_ratio"], energy_ratio_full=report["energy_ratio_full"],
-                      energy_texts=report["samples"],
-                      firing_rates={k: report["firing_rates"][k] for k in ("levels", "mean", "layers")},
-                      energy=report)
+        record.update(energy_fields(snn, tm.batches(spread(texts, energy_texts), batch_size), T))
     return record
+
+
+def energy_fields(snn: SpikingModel, batches: list, T: int) -> dict[str, Any]:
+    """The energy entries of a text record: energy ratio per T (Eq. 30) in both conventions, the
+    number of texts counted, firing rates, and the whole report (``energy``), from ``batches``."""
+    report = energy_report(measure_text(snn, batches, T))
+    return {"energy_ratio": report["energy_ratio"], "energy_ratio_full": report["energy_ratio_full"],
+            "energy_texts": report["samples"],
+            "firing_rates": {k: report["firing_rates"][k] for k in ("levels", "mean", "layers")}, "energy": report}
