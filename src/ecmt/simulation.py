@@ -1,13 +1,13 @@
 """Running a converted network over time steps."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .calibration import check_finite, input_errors
-from .conversion import SpikingModel
+from .conversion import SpikingModel, graph_inputs
 from .errors import InvalidInputError
 
 
@@ -26,6 +26,8 @@ def simulate_steps(snn: SpikingModel, x: Any, T: int) -> Iterator[Tensor]:
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         raise InvalidInputError(f"T must be a positive integer, got {T!r}")
     check_finite(x, "the SNN input")
+    if isinstance(x, Mapping) and isinstance(snn.net, torch.fx.GraphModule):
+        x = graph_inputs(snn.net, x)  # once, not at every step: the steps then take the fast path
     snn.reset()
     with input_errors(x, "the input", InvalidInputError):  # an input that does not fit fails at once
         total = snn(x).float()
