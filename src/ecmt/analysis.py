@@ -8,9 +8,11 @@ them to step T and returns one number that is 0 when the SNN equals the ANN:
 
 * **local error** of every site, from one simulation of the whole SNN: the relative squared
   error of the T-step mean of the neuron's spikes against the T-step mean of its input,
-  ``Σ‖Σ_t s(t) − Σ_t I(t)‖² / Σ‖Σ_t I(t)‖²`` over the inputs (the site's residual membrane);
-  per channel (the input's last dimension, the channels of the Linear the site feeds, where
-  LLMs have their outliers), each channel's part of that residual;
+  ``Σ‖Σ_t s(t) − Σ_t I(t)‖² / Σ‖Σ_t I(t)‖²`` over the inputs (the site's residual membrane;
+  padded positions of text batches count too). At the Linear inputs with the largest local
+  error (``worst_sites``), each channel's part of that residual: the channels are the last
+  dimension, the Linear's input channels, where LLMs have their outliers (``rms_over_median``:
+  a channel's RMS T-step mean input over the median channel's);
 * **downstream effect, alone** (view ``"alone"``): the output error when only one group of
   sites spikes and every other site is exact (:func:`exact_sites`: it passes its input on
   unquantized). Groups are the site types (the same site in every block,
@@ -45,7 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import registry
-from .calibration import model_input, to_device
+from .calibration import _is_linear_input, model_input, to_device
 from .conversion import SpikingModel
 from .energy import split_block
 from .errors import InvalidInputError
@@ -82,7 +84,8 @@ def block_of(name: str) -> str:
 
 class _Residuals:
     """Forward hooks on every MT neuron that sum, per simulation, its inputs and its spikes,
-    and accumulate over the simulations the squared residual ``Σ_t I − Σ_t s`` (also per channel)."""
+    and accumulate over the simulations the squared residual ``Σ_t I − Σ_t s`` (per channel at
+    the Linear inputs)."""
 
     def __init__(self, snn: SpikingModel) -> None:
         self.totals: dict[str, list[Optional[Tensor]]] = {}
@@ -120,13 +123,15 @@ class _Residuals:
         sq = self.sq[name]
         sq[0] += float(r.double().pow(2).sum())
         sq[1] += float(inp.double().pow(2).sum())
+        self.rows[name] += r.numel() // r.shape[-1]
+        if not _is_linear_input(name):
+            return
         per = [r.double().pow(2).reshape(-1, r.shape[-1]).sum(0), inp.double().pow(2).reshape(-1, r.shape[-1]).sum(0)]
         old = self.channels.get(name, [])
         if old is None or (old and old[0].shape != per[0].shape):
-            self.channels[name] = None  # the last dimension varies (attention maps): no channels
+            self.channels[name] = None  # the last dimension varies: no channels
         else:
             self.channels[name] = per if not old else [a + b for a, b in zip(old, per)]
-        self.rows[name] += r.numel() // r.shape[-1]
 
     def close(self) -> None:
         for name in list(self.totals):
@@ -167,7 +172,7 @@ def analyze(snn: SpikingModel, error: Error, *, T: int, views: Iterable[str] = (
         T: The step ``error`` measures (for the local errors' scale and the record).
         views: Downstream measurements, among :data:`VIEWS` (see the module docstring).
         channels: Channels listed per worst site (0: none).
-        worst: Sites (largest local error) whose channels are listed.
+        worst: Linear inputs (sites ``*.neuron``) with the largest local error whose channels are listed.
         progress: Show a progress bar over the simulations (None: on terminals).
         log: Called with one line per simulation (for log files).
 
@@ -241,7 +246,7 @@ def analyze(snn: SpikingModel, error: Error, *, T: int, views: Iterable[str] = (
                      for b, e in results["layers"].items() if b != OUTSIDE), key=lambda e: e["index"])
     view = views[0] if views else None
     worst_sites = []
-    for n in sorted(names, key=lambda n: -local[n])[:worst]:
+    for n in sorted(filter(_is_linear_input, names), key=lambda n: -local[n])[:worst]:
         site = {"site": n, "local_error": round(local[n], 6)}
         per = hooks.channels.get(n)
         if channels > 0 and per is not None:

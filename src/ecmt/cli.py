@@ -865,10 +865,12 @@ def _analysis_summary(record: dict[str, Any]) -> str:
     blocks = " ".join(f"{e['index']}:{100 * e[view]:.0f}%" for e in record["layers"])
     outside = record.get("outside")
     lines.append(f"  by block: {blocks}" + (f", outside blocks {100 * outside[view]:.0f}%" if outside else ""))
+    worst = max(record["sites"], key=lambda n: record["sites"][n]["local_error"])
+    lines.append(f"  largest local error: {worst} ({record['sites'][worst]['local_error']:.4f})")
     for site in record["worst_sites"][:3]:
         top = ", ".join(f"{c['channel']} ({100 * c['share']:.0f}%, {c['rms_over_median']:.1f}x median)"
                         for c in site.get("top", [])[:3])
-        lines.append(f"  worst site {site['site']}: local error {site['local_error']:.4f}"
+        lines.append(f"  worst Linear input {site['site']}: local error {site['local_error']:.4f}"
                      + (f"; channels {top}" if top else ""))
     return "\n".join(lines)
 
