@@ -65,7 +65,7 @@ Error = Callable[[SpikingModel], float]
 
 @contextmanager
 def exact_sites(snn: SpikingModel, exact: Callable[[str], bool]) -> Iterator[None]:
-    """Within the block, the MT neurons of the sites for which ``exact(name)`` holds pass their
+    """Inside the ``with`` block, the MT neurons of the sites for which ``exact(name)`` holds pass their
     input on unquantized (:attr:`ecmt.neurons.MTNeuron.exact`); all spike again afterwards."""
     neurons = list(snn.neurons())
     try:

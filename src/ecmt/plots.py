@@ -434,7 +434,7 @@ def plot_error_depth(record: Mapping[str, Any], path: PathLike) -> Path:
     title = (f"{record.get('model', 'SNN')}, T = {record.get('T')}, n = {record.get('levels')}, {setting}"
              f"{', per channel' if record.get('per_channel') else ''}")
     layers, types = record["layers"], record["site_types"]
-    fig = Figure(figsize=(12, max(4.0, 0.3 * len(types) + 1.5)))
+    fig = Figure(figsize=(12, max(4.5, 0.3 * len(types) + 1.5)))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     xs = [e["index"] for e in layers]
     series = (("alone", "error, only this block spiking", "o"), ("removed", "share of the error removed, block exact", "s"))
@@ -445,12 +445,12 @@ def plot_error_depth(record: Mapping[str, Any], path: PathLike) -> Path:
     local = left.twinx()
     local.plot(xs, [e["local_error"] for e in layers], color="C2", linestyle=":", marker=".", label="mean local error")
     local.set_ylabel("local error of the sites (relative)", color="C2")
-    left.set(xlabel="block (depth)", ylabel=f"output error ({record.get('metric', 'error')})",
-             title=f"{title}\nall spiking: {record['error']:.4g}")
+    left.set(xlabel="block (depth)", ylabel="output error")
+    left.set_title(f"{title}\n{record.get('metric', 'error')}, all spiking: {record['error']:.4g}", fontsize="medium")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.grid(alpha=0.3)
     handles = left.get_legend_handles_labels()[0] + local.get_legend_handles_labels()[0]
-    left.legend(handles=handles, fontsize="small")
+    left.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     names = list(types)
     key = "share" if names and "share" in types[names[0]] else "removed"
     right.barh(range(len(names)), [100 * types[n][key] for n in names], color="C0")
