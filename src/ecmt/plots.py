@@ -420,10 +420,10 @@ def plot_perplexity(result: Mapping[str, Any], path: PathLike) -> Path:
 def plot_error_depth(record: Mapping[str, Any], path: PathLike) -> Path:
     """Error against depth and by site type, from an error analysis (:func:`ecmt.analysis.analyze`).
 
-    Left: per block (x: its index), the output error with only that block spiking (view
-    ``alone``) and the share of the error removed when it is exact (view ``removed``), with
-    the mean local error of its sites on the right axis. Right: the same per site type
-    (the same site in every block), largest first.
+    Left: per block (x: its index), its share of the output error (view ``alone``: its error
+    when only it spikes, over the sum of those of all blocks) and the share of the error
+    removed when it is exact (view ``removed``), with the mean local error of its sites on the
+    right axis. Right: the share per site type (the same site in every block), largest first.
 
     Args:
         record: An ``ecmt analyze`` record (``layers``, ``site_types``, ``error``, ``T``,
@@ -437,15 +437,16 @@ def plot_error_depth(record: Mapping[str, Any], path: PathLike) -> Path:
     fig = Figure(figsize=(12, max(4.5, 0.3 * len(types) + 1.5)))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     xs = [e["index"] for e in layers]
-    series = (("alone", "error, only this block spiking", "o"), ("removed", "share of the error removed, block exact", "s"))
+    series = (("share", "only this block spiking (alone, normalised)", "o"),
+              ("removed", "removed when this block is exact", "s"))
     for i, (key, label, marker) in enumerate(series):
         if layers and key in layers[0]:
-            left.plot(xs, [e[key] for e in layers], marker=marker, markersize=4, color=f"C{i}", label=label)
+            left.plot(xs, [100 * e[key] for e in layers], marker=marker, markersize=4, color=f"C{i}", label=label)
     left.axhline(0.0, color="grey", linewidth=0.8)
     local = left.twinx()
     local.plot(xs, [e["local_error"] for e in layers], color="C2", linestyle=":", marker=".", label="mean local error")
     local.set_ylabel("local error of the sites (relative)", color="C2")
-    left.set(xlabel="block (depth)", ylabel="output error")
+    left.set(xlabel="block (depth)", ylabel="share of the output error (%)")
     left.set_title(f"{title}\n{record.get('metric', 'error')}, all spiking: {record['error']:.4g}", fontsize="medium")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.grid(alpha=0.3)
