@@ -10,10 +10,10 @@ from ecmt.analysis import OUTSIDE, analyze, block_of, exact_sites, output_error_
 from ecmt.tuning import site_type
 
 from lm_tiny import CALIB, TEXTS, ByteTokenizer, tiny_lm
+from test_cli import _one_thread  # noqa: F401
 from tiny_models import make
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit(name: str = "rectangular_deeper", path: str = "auto"):

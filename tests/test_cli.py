@@ -27,7 +27,13 @@ TINY = dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
 CLASSES = 3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and are then immune to CPU contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @register_model

@@ -26,8 +26,8 @@ them to step T and returns one number that is 0 when the SNN equals the ANN:
   These do not sum to 1: errors compound through the layers.
 
 Cost: one simulation of the held-out inputs per group and view, plus the whole SNN and the
-all-exact check (which must give 0): ``2 + types + blocks (+ 1 outside)`` per view, 24 for a
-12-layer encoder with 8 site types, 42 for a 30-layer LM with 9. Measuring every site's
+all-exact check (which must give 0): ``2 + views × (types + blocks (+ 1 outside))``; with one
+view 22 for a 12-layer encoder with 8 site types, 42 for a 30-layer LM with 9. Measuring every site's
 downstream effect would cost one simulation per site (96 and 270), which is why sites are
 ranked by their local error only.
 
