@@ -168,7 +168,7 @@ def analyze(snn: SpikingModel, error: Error, *, T: int, views: Iterable[str] = (
         snn: The converted model (with the thresholds to analyse).
         error: Simulates the held-out inputs to step ``T`` and returns the output error (see
             :data:`Error`), e.g. :func:`output_error_of`, :func:`ecmt.text.embedding_error`,
-            :func:`ecmt.lm.next_token_kl`. Called ``2 + groups`` times per view.
+            :func:`ecmt.lm.next_token_kl`. Called ``2 + groups × views`` times.
         T: The step ``error`` measures (for the local errors' scale and the record).
         views: Downstream measurements, among :data:`VIEWS` (see the module docstring).
         channels: Channels listed per worst site (0: none).
