@@ -8,7 +8,8 @@ next tokens and the number of top-1 predictions that agree with the ANN's
 
 Texts are right-padded; a padded position is neither predicted nor predicts. Calibration
 uses other texts than the evaluated ones. Generation is greedy, each new token from a
-T-step simulation of the whole prefix (no cache).
+T-step simulation of its own position, the earlier ones' spiking keys and values read from a
+cache (:mod:`ecmt.kvcache`), or of the whole prefix.
 
 Example:
     >>> lm = load_lm("smollm2")                                               # doctest: +SKIP
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from .calibration import calibrate
 from .conversion import SpikingModel, convert
 from .errors import DatasetError, InvalidInputError
+from .kvcache import SpikingKVCache
 from .neurons import SpikeRule
 from .simulation import simulate, simulate_steps
 from .text import energy_fields, packaged_texts, spread
@@ -73,10 +75,14 @@ class LanguageModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """``input_ids`` and ``attention_mask`` of a batch of texts, right-padded to the longest."""
+        """``input_ids``, ``attention_mask`` and ``position_ids`` of a batch of texts, right-padded
+        to the longest (an SNN calibrated on these takes positions, so :mod:`ecmt.kvcache` can
+        place a cached token)."""
         out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        ids = out["input_ids"]
+        return {"input_ids": ids, "attention_mask": out["attention_mask"],
+                "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
 
     def batches(self, texts: Sequence[str], batch_size: int = 8) -> list[dict[str, Tensor]]:
         """Tokenized batches, in the order of ``texts``."""
@@ -260,7 +266,13 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
 
 @dataclass
 class Generation:
-    """Greedy continuations of one prompt by the SNN and the ANN, and their cost."""
+    """Greedy continuations of one prompt by the SNN and the ANN, and their cost.
+
+    Attributes:
+        snn_seconds, ann_seconds: Wall time per generated token.
+        cached: Whether both used a key-value cache (the SNN :mod:`ecmt.kvcache`, the ANN
+            transformers'); else each token ran the whole prefix.
+    """
 
     prompt: str
     snn_tokens: list[int]
@@ -269,6 +281,7 @@ class Generation:
     ann_text: str
     snn_seconds: float
     ann_seconds: float
+    cached: bool = True
 
     @property
     def agreeing(self) -> int:
@@ -287,7 +300,7 @@ class Generation:
 
     @property
     def cost_ratio(self) -> float:
-        """Wall time per SNN token over wall time per ANN token (both uncached, whole prefix)."""
+        """Wall time per SNN token over wall time per ANN token."""
         return self.snn_seconds / max(self.ann_seconds, 1e-9)
 
 
@@ -307,23 +320,46 @@ def greedy(step: Callable[[Tensor], Tensor], ids: Tensor, max_new_tokens: int,
     return out
 
 
-def snn_step(snn: SpikingModel, T: int) -> Callable[[Tensor], Tensor]:
-    """The SNN's next-token logits: a T-step simulation of the whole prefix, last position."""
+def snn_step(snn: SpikingModel, T: int, cache: bool = True) -> Callable[[Tensor], Tensor]:
+    """The SNN's next-token logits after a T-step simulation: of the new position only, the
+    earlier ones from a :class:`ecmt.kvcache.SpikingKVCache`, or (``cache=False``) of the whole prefix."""
+    if cache:
+        kv = SpikingKVCache(snn)
+        return lambda ids: kv.extend(ids, T)[0, -1]
+
     def step(ids: Tensor) -> Tensor:
-        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        for y in simulate_steps(snn, x, T):
+        for y in simulate_steps(snn, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, T):
             pass
         return y[0, -1]
 
     return step
 
 
+def ann_step(lm: LanguageModel, cache: bool = True) -> Callable[[Tensor], Tensor]:
+    """The ANN's next-token logits, with transformers' key-value cache or (``cache=False``) of the whole prefix."""
+    if not cache:
+        return lambda ids: lm.logits({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0, -1]
+    state: dict[str, Any] = {"cache": None, "length": 0}
+
+    def step(ids: Tensor) -> Tensor:
+        if state["cache"] is not None and ids.shape[1] != state["length"] + 1:
+            state["cache"], state["length"] = None, 0  # not a continuation of the cached prefix
+        with torch.no_grad():
+            out = lm.model(input_ids=ids[:, state["length"]:], cache=state["cache"], use_cache=True)
+        state["cache"], state["length"] = out.cache, ids.shape[1]
+        return out.logits[0, -1].float()
+
+    return step
+
+
 def generate(lm: LanguageModel, snn: SpikingModel, prompt: str, T: int = 16, max_new_tokens: int = 32,
-             on_text: Optional[Callable[[str], None]] = None) -> Generation:
+             on_text: Optional[Callable[[str], None]] = None, cache: bool = True) -> Generation:
     """Greedy continuations of ``prompt`` by ``snn`` (T steps per token) and by the ANN.
 
     Args:
         on_text: Called with each new piece of the SNN's text as it is decoded (streaming).
+        cache: Key-value caches for both (:mod:`ecmt.kvcache` for the SNN), so each token runs
+            its own position only; False: each token runs the whole prefix.
     """
     ids = lm.tokenize([prompt])["input_ids"]
     eos = lm.tokenizer.eos_token_id
@@ -339,14 +375,13 @@ def generate(lm: LanguageModel, snn: SpikingModel, prompt: str, T: int = 16, max
             decoded = text
 
     start = time.perf_counter()
-    greedy(snn_step(snn, T), ids, max_new_tokens, stream, eos)
+    greedy(snn_step(snn, T, cache), ids, max_new_tokens, stream, eos)
     snn_seconds = (time.perf_counter() - start) / max(len(snn_tokens), 1)
     start = time.perf_counter()
-    ann_tokens = greedy(lambda i: lm.logits({"input_ids": i, "attention_mask": torch.ones_like(i)})[0, -1],
-                        ids, max_new_tokens, eos=eos)
+    ann_tokens = greedy(ann_step(lm, cache), ids, max_new_tokens, eos=eos)
     ann_seconds = (time.perf_counter() - start) / max(len(ann_tokens), 1)
     return Generation(prompt, snn_tokens, ann_tokens, lm.tokenizer.decode(snn_tokens), lm.tokenizer.decode(ann_tokens),
-                      snn_seconds, ann_seconds)
+                      snn_seconds, ann_seconds, cache)
 
 
 def split_texts(sentences: Sequence[str], calib_texts: Optional[Sequence[str]], limit: Optional[int],
