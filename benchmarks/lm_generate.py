@@ -73,13 +73,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"ANN {g.ann_text!r}", flush=True)
             if i < args.uncached:
                 u = lm.generate(model, snn, prompt, T, args.new_tokens, cache=False)
-                uncached.append({"prompt": prompt, "same_tokens_as_cached": u.snn_tokens == g.snn_tokens,
+                first = next((k for k, (a, b) in enumerate(zip(u.snn_tokens, g.snn_tokens)) if a != b), None)
+                uncached.append({"prompt": prompt, "snn_text": u.snn_text, "snn_tokens": u.snn_tokens,
+                                 "identical_leading": u.common_prefix, "same_tokens_as_cached": u.snn_tokens == g.snn_tokens,
+                                 "first_token_differing_from_cached": first,
                                  "ann_same_tokens_as_cached": u.ann_tokens == g.ann_tokens,
                                  "snn_s_per_token": round(u.snn_seconds, 4), "ann_s_per_token": round(u.ann_seconds, 4),
                                  "cost_ratio": round(u.cost_ratio, 2),
                                  "cache_speedup": round(u.snn_seconds / g.snn_seconds, 2)})
-                print(f"  uncached: same tokens {u.snn_tokens == g.snn_tokens}, {u.snn_seconds:.2f} s/token "
-                      f"({u.cost_ratio:.0f}x the uncached ANN)", flush=True)
+                print(f"  uncached: {u.common_prefix}/{len(u.ann_tokens)}, same tokens as cached "
+                      f"{u.snn_tokens == g.snn_tokens} (first difference at {first}), {u.snn_seconds:.2f} s/token "
+                      f"({u.cost_ratio:.0f}x the uncached ANN) -> SNN {u.snn_text!r}", flush=True)
             if i < args.energy:
                 batch = model.tokenize([prompt + g.ann_text])
                 fields = energy_fields(snn, [batch], T)

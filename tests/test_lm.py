@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import weakref
 
 import pytest
 import torch
@@ -40,6 +41,22 @@ def test_reduce_equals_the_full_simulation_reduced(llama):
     reduce = lm.lm_reducer(batch, model.logits(batch)[:, :-1].argmax(-1))
     full = ecmt.simulate(snn, batch, 6)
     torch.testing.assert_close(ecmt.simulate(snn, batch, 6, reduce=reduce), torch.stack([reduce(y) for y in full]))
+
+
+def test_reduced_simulation_keeps_no_estimate_of_an_earlier_step(llama):
+    """Memory flat in T: when ``reduce`` sees step t's logits, no earlier step's is alive."""
+    model, snn = llama
+    batch = model.tokenize(TEXTS)
+    seen: list[weakref.ref] = []
+    alive: list[int] = []
+
+    def reduce(y: torch.Tensor) -> torch.Tensor:
+        alive.append(sum(r() is not None for r in seen))
+        seen.append(weakref.ref(y))
+        return y.sum()
+
+    assert ecmt.simulate(snn, batch, 8, reduce=reduce).shape == (8,)
+    assert alive == [0] * 8
 
 
 def test_snn_perplexity_approaches_the_ann_as_T_grows(tiny):
