@@ -8,9 +8,12 @@ first ``--uncached`` prompts are generated again without caches (each token runs
 prefix: the cache's speed-up, and a check that it gives the same tokens), and on the first
 ``--energy`` prompts the energy ratio (Eq. 30) of the SNN is counted on the prompt followed by
 the ANN's continuation. Calibration uses ``ecmt generate``'s default texts (the first 16 packaged
-calibration sentences), none of which is a prompt.
+calibration sentences), none of which is a prompt. Before anything is timed, a 2-token generation
+with and without caches compiles the fused kernels.
 
     python benchmarks/lm_generate.py --T 32 16 --threads 1
+    python benchmarks/lm_generate.py --snn smollm2.snn.safetensors --T 32 --prompts 2 --new-tokens 8 \
+        --uncached 2 --energy 0 --threads 1 --name smollm2_generate_cost
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from ecmt import lm
+from ecmt.serialization import read
 from ecmt.text import energy_fields, packaged_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,26 +53,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calib = packaged_texts("calibration")[:16]
     assert not set(calib) & set(PROMPTS)
     start = time.perf_counter()
-    model = lm.load_lm(args.model)
+    if args.snn:  # saved by `ecmt convert --model smollm2 --per-channel` (the same calibration)
+        saved = read(args.snn)
+        model, snn = lm.saved_lm(saved), saved.snn
+    else:
+        model = lm.load_lm(args.model)
     loaded = time.perf_counter() - start
-    snn = lm.convert_lm(model, calib, rule="eq25", per_channel=args.per_channel)
+    if not args.snn:
+        snn = lm.convert_lm(model, calib, rule="eq25", per_channel=args.per_channel)
     converted = time.perf_counter() - start - loaded
+    for cache in (True, False):  # warm-up: compiles the fused kernels before anything is timed
+        lm.generate(model, snn, PROMPTS[-1], 2, 2, cache=cache)
     print(f"loaded in {loaded:.0f} s, calibrated and converted in {converted:.0f} s", flush=True)
-    record: dict[str, Any] = {"model": args.model, "new_tokens": args.new_tokens, "levels": snn.levels,
+    record: dict[str, Any] = {"model": args.model, "snn_file": args.snn, "new_tokens": args.new_tokens,
+                              "levels": snn.levels,
                               "percentile": snn.thresholds.percentile, "rule": snn.thresholds.rule.value,
-                              "per_channel": args.per_channel, "calibration": "packaged calibration sentences 1-16",
+                              "per_channel": bool(snn.thresholds.per_channel()), "calibration": "packaged calibration sentences 1-16",
                               "seconds_load": round(loaded, 1), "seconds_convert": round(converted, 1),
                               "environment": environment(args.threads), "by_T": {}}
     for T in args.T:
         rows, uncached, energy = [], [], []
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(PROMPTS[:args.prompts]):
             g = lm.generate(model, snn, prompt, T, args.new_tokens)
             rows.append({"prompt": prompt, "snn_text": g.snn_text, "ann_text": g.ann_text,
                          "snn_tokens": g.snn_tokens, "ann_tokens": g.ann_tokens,
                          "identical_leading": g.common_prefix, "all_match": g.snn_tokens == g.ann_tokens,
                          "snn_s_per_token": round(g.snn_seconds, 4), "ann_s_per_token": round(g.ann_seconds, 4),
                          "cost_ratio": round(g.cost_ratio, 2)})
-            print(f"T={T} [{i + 1}/{len(PROMPTS)}] {g.common_prefix}/{len(g.ann_tokens)} "
+            print(f"T={T} [{i + 1}/{args.prompts}] {g.common_prefix}/{len(g.ann_tokens)} "
                   f"{g.snn_seconds:.2f} s/token ({g.cost_ratio:.0f}x) {prompt!r} -> SNN {g.snn_text!r} | "
                   f"ANN {g.ann_text!r}", flush=True)
             if i < args.uncached:
@@ -107,6 +119,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--T", type=int, nargs="+", default=[32, 16])
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts")
+    p.add_argument("--snn", help="an SNN file of the model (no calibration)")
     p.add_argument("--uncached", type=int, default=2, help="prompts also generated without caches")
     p.add_argument("--energy", type=int, default=2, help="prompts whose energy ratio is counted")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True)

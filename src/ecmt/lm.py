@@ -477,5 +477,6 @@ def summary(record: dict[str, Any], steps: Sequence[int]) -> str:
         ppl = record["ppl"][k]
         lines.append(f"{t:>4} {ppl:>10.4f} {100 * (ppl / record['ann_ppl'] - 1):>8.2f}% "
                      f"{100 * record['agreement'][k]:>6.2f}%" + (f" {ratio[k]:>8.3f}" if ratio else ""))
-    lines.append(f"n = {record['levels']}, p = {record['percentile']}, rule {record['rule']}")
+    lines.append(f"n = {record['levels']}, p = {record['percentile']}, rule {record['rule']}"
+                 + (", per-channel thresholds" if record.get("per_channel") else ""))
     return "\n".join(lines)
