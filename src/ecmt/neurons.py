@@ -167,6 +167,7 @@ class MTNeuron(Stateful):
         self.rule = check_rule(rule)
         self.mean_input = False  # the input is the running mean of the inputs (see mt_step_mean)
         self.record = False  # count spikes per level (for firing rates and energy)
+        self.exact = False  # pass the input on unquantized (see forward; for ecmt.analysis)
         self.register_buffer("theta", theta)
         # Spikes per (sign, level) since the counters were last cleared; sign 0 is positive.
         self.register_buffer("spike_counts", torch.zeros(2, levels, dtype=torch.int64), persistent=False)
@@ -217,9 +218,21 @@ class MTNeuron(Stateful):
         return torch.cat([self.theta[0] * k, -self.theta[1] * k])
 
     def forward(self, x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """One time step. ``dtype``: that of the spikes when ``mean_input`` is set (else that of ``x``)."""
+        """One time step. ``dtype``: that of the spikes when ``mean_input`` is set (else that of ``x``).
+
+        With ``exact`` set, the neuron sends its whole membrane at every step, so nothing is
+        left in it (Eq. 21 and 24 with s = m): the limit of infinitely many levels. Its output is
+        its input, or with ``mean_input`` the input of this step, ``t·x̄(t) − (t−1)·x̄(t−1)``.
+        """
+        if self.exact and not self.mean_input:
+            return x
         if self.v is None:
             self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
+        if self.exact:
+            self.t += 1
+            m = x.float() * self.t + self.v  # Eq. 21, summed over time
+            self.v.sub_(m)  # Eq. 24 with s = m
+            return m.to(dtype or x.dtype)
         v, xf = (self.v, x) if self.per_channel else flat(self.v, x)  # per channel: thresholds broadcast
         if self.mean_input:
             self.t += 1
