@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import weakref
 
 import pytest
 import torch
 
 import ecmt
 from ecmt import cli, lm
+from ecmt.errors import InvalidInputError
+from ecmt.kvcache import SpikingKVCache
+from ecmt.serialization import read, read_info, save
 from lm_tiny import CALIB, TEXTS, tiny_lm
 
 GPL = "/usr/share/common-licenses/GPL-3"
@@ -20,6 +24,17 @@ def llama():
     return model, lm.convert_lm(model, CALIB)
 
 
+@pytest.fixture(scope="module")
+def gpt2():
+    model = tiny_lm("gpt2")
+    return model, lm.convert_lm(model, CALIB)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny(request):
+    return request.getfixturevalue(request.param)
+
+
 def test_reduce_equals_the_full_simulation_reduced(llama):
     model, snn = llama
     batch = model.tokenize(TEXTS[:2])
@@ -28,9 +43,24 @@ def test_reduce_equals_the_full_simulation_reduced(llama):
     torch.testing.assert_close(ecmt.simulate(snn, batch, 6, reduce=reduce), torch.stack([reduce(y) for y in full]))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_snn_perplexity_approaches_the_ann_as_T_grows(kind, llama):
-    model, snn = llama if kind == "llama" else (tiny_lm(kind), None)  # converted on CALIB either way
+def test_reduced_simulation_keeps_no_estimate_of_an_earlier_step(llama):
+    """Memory flat in T: when ``reduce`` sees step t's logits, no earlier step's is alive."""
+    model, snn = llama
+    batch = model.tokenize(TEXTS)
+    seen: list[weakref.ref] = []
+    alive: list[int] = []
+
+    def reduce(y: torch.Tensor) -> torch.Tensor:
+        alive.append(sum(r() is not None for r in seen))
+        seen.append(weakref.ref(y))
+        return y.sum()
+
+    assert ecmt.simulate(snn, batch, 8, reduce=reduce).shape == (8,)
+    assert alive == [0] * 8
+
+
+def test_snn_perplexity_approaches_the_ann_as_T_grows(tiny):
+    model, snn = tiny
     r = lm.evaluate_lm(model, TEXTS, CALIB, T=32, energy_texts=1, snn=snn)
     err = {t: abs(r["ppl"][str(t)] / r["ann_ppl"] - 1) for t in (1, 32)}
     assert err[32] < err[1] and err[32] < 0.01
@@ -39,8 +69,8 @@ def test_snn_perplexity_approaches_the_ann_as_T_grows(kind, llama):
     assert set(r["energy_ratio"]) == {str(t) for t in range(1, 33)} and r["firing_rates"]["mean"] > 0
 
 
-def test_padding_changes_no_real_position(llama):
-    model, snn = llama
+def test_padding_changes_no_real_position(tiny):
+    model, snn = tiny
     short, long = TEXTS[1], TEXTS[0]
     alone = ecmt.simulate(snn, model.tokenize([short]), 4)
     padded = ecmt.simulate(snn, model.tokenize([long, short]), 4)
@@ -55,6 +85,41 @@ def test_generation_equals_the_ann_at_large_T(llama):
     g = lm.generate(model, snn, "The cat", T=64, max_new_tokens=4, on_text=pieces.append)
     assert g.snn_tokens == g.ann_tokens and g.common_prefix == 4
     assert "".join(pieces) == g.snn_text and g.cost_ratio > 1
+
+
+@pytest.mark.parametrize("T", [2, 12])
+def test_cached_generation_gives_the_tokens_of_uncached_generation(tiny, T):
+    model, snn = tiny
+    ids = model.tokenize(["The cat"])["input_ids"]
+    cached = lm.greedy(lm.snn_step(snn, T), ids, 10)
+    assert cached == lm.greedy(lm.snn_step(snn, T, cache=False), ids, 10)
+    assert lm.greedy(lm.ann_step(model), ids, 10) == lm.greedy(lm.ann_step(model, cache=False), ids, 10)
+
+
+def test_cached_positions_compute_what_the_whole_prefix_computes(tiny):
+    model, snn = tiny
+    ids = model.tokenize(["Rain fell all day"])["input_ids"]
+    cache = SpikingKVCache(snn)
+    first = cache.extend(ids[:, :6], T=5)
+    rest = [cache.extend(ids[:, :L], T=5)[:, -1] for L in range(7, ids.shape[1] + 1)]
+    assert cache.length == ids.shape[1] and len(cache.operands[0]) == 5
+    whole = ecmt.simulate(snn, {"input_ids": ids}, 5)[-1]
+    torch.testing.assert_close(torch.cat([first, torch.stack(rest, 1)], 1), whole, atol=1e-5, rtol=1e-5)
+    other = cache.extend(ids[:, :3], T=5)  # not a continuation: starts again
+    assert cache.length == 3
+    torch.testing.assert_close(other, whole[:, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_needs_position_inputs_and_one_new_token(llama):
+    model, snn = llama
+    plain = {k: v for k, v in model.tokenize(CALIB).items() if k != "position_ids"}
+    with pytest.raises(InvalidInputError, match="position_ids"):
+        SpikingKVCache(ecmt.convert(model.model, ecmt.calibrate(model.model, [plain])))
+    cache = SpikingKVCache(snn)
+    ids = model.tokenize(["A dog ran"])["input_ids"]
+    cache.extend(ids[:, :4], T=2)
+    with pytest.raises(InvalidInputError, match="one new position"):
+        cache.extend(ids, T=2)
 
 
 def test_calibration_texts_are_never_evaluated():
@@ -78,6 +143,41 @@ def test_cli_evaluate_and_generate_on_a_tiny_model(monkeypatch, tmp_path, capsys
     assert "SNN ppl" in capsys.readouterr().out
     assert cli.main(["generate", "--model", "smollm2", "--prompt", "The cat", "--T", "2", "--max-new-tokens", "1"]) == 0
     assert "leading tokens identical" in capsys.readouterr().out
+
+
+def test_saved_snn_simulates_bit_identically(tiny, tmp_path):
+    model, snn = tiny
+    path = save(snn, tmp_path / "lm.safetensors", ann=model.model)
+    saved = read(path)
+    again = lm.saved_lm(saved, tokenizer=model.tokenizer)
+    batch = model.tokenize(TEXTS)
+    assert torch.equal(ecmt.simulate(saved.snn, batch, 5), ecmt.simulate(snn, batch, 5))
+    assert torch.equal(again.logits(batch), model.logits(batch)) and again.max_length == model.max_length
+    assert saved.info["spec"]["lm"] == {"source": model.source, "max_length": model.max_length}
+    assert saved.snn.thresholds.per_channel() == snn.thresholds.per_channel()
+
+
+def test_cli_convert_then_evaluate_and_generate_the_file(monkeypatch, tmp_path, capsys, llama):
+    model, _ = llama
+    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)
+    monkeypatch.setattr(lm, "load_tokenizer", lambda source: model.tokenizer)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(CALIB))
+    file = tmp_path / "tiny.safetensors"
+    assert cli.main(["convert", "--model", "smollm2", "--calib-texts", str(calib), "--per-channel",
+                     "-o", str(file)]) == 0
+    assert read_info(file)["spec"]["lm"]["source"] == "tiny-llama" and "per channel" in capsys.readouterr().err
+    common = ["--texts", GPL, "--T", "3", "--limit", "2", "--energy-texts", "0", "--max-tokens", "24"]
+    assert cli.main(["evaluate", "--snn", str(file), *common, "--json", str(tmp_path / "f.json")]) == 0
+    assert cli.main(["evaluate", "--model", "smollm2", *common, "--calib-texts", str(calib), "--per-channel",
+                     "--json", str(tmp_path / "m.json")]) == 0
+    from_file, fresh = (json.loads((tmp_path / f).read_text()) for f in ("f.json", "m.json"))
+    assert from_file["ppl"] == fresh["ppl"] and from_file["per_channel"] and from_file["snn_file"] == str(file)
+    assert cli.main(["evaluate", "--snn", str(file), *common, "--levels", "4"]) == 2
+    assert "--levels" in capsys.readouterr().err
+    assert cli.main(["generate", "--snn", str(file), "--prompt", "The cat", "--T", "2", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "leading tokens identical" in out and "with a key-value cache" in out
 
 
 def test_cli_analyze_on_a_tiny_model(monkeypatch, tmp_path, capsys, llama):

@@ -175,7 +175,7 @@ def _common(threads: Optional[int] = None) -> argparse.ArgumentParser:
     """The options of the subcommands that run a model on data."""
     p = _Parser(add_help=False, parents=[_base()])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help="images per batch (default: 128)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, metavar="N", help=f"images per batch (default: 128; language models: {LM_BATCH_SIZE} texts)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the image subsets and of torch (default: 0)")
     p.add_argument("--threads", type=_positive_int, default=threads, metavar="N",
                    help=f"CPU threads for torch (default: {threads or 'torch chooses'}; 1 is much faster "
@@ -295,7 +295,8 @@ def _text_options(p: argparse.ArgumentParser, *, energy: bool = True) -> None:
 
 def _calib_texts_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-texts", metavar="FILE",
-                   help="sentences to calibrate a sentence encoder on (default: the packaged calibration set)")
+                   help="texts to calibrate on, one per line (default: the packaged calibration set; a language model "
+                        "in 'ecmt evaluate': the first quarter of --texts, at most 16 sentences)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,15 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     _finish(p, run_ops)
 
     p = sub.add_parser("generate", parents=[_base()], help="greedy text generation by a language model's SNN",
-                       description="Each token from a T-step simulation of the whole prefix, beside the ANN's.")
-    p.add_argument("--model", required=True, metavar="NAME", help="smollm2, a .gguf file or a causal LM folder")
+                       description="Each token from a T-step simulation (of its own position, the earlier "
+                                   "ones' spiking keys and values cached), beside the ANN's greedy tokens.")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", metavar="NAME", help="smollm2, a .gguf file or a causal LM folder")
+    group.add_argument("--snn", metavar="FILE", help="an LM's SNN saved by 'ecmt convert' (no calibration)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--T", type=_positive_int, default=DEFAULT_T, metavar="T", help="time steps per token")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, metavar="N", help="tokens to generate")
     p.add_argument("--levels", type=_positive_int, default=8, metavar="N", help="thresholds per side (default: 8)")
     p.add_argument("--percentile", type=_percentile, default=99.0, metavar="P", help="calibration percentile")
     _rule_option(p, tune=False)
+    p.add_argument("--per-channel", action="store_true", help="base thresholds per input channel of every Linear")
     _calib_texts_option(p)
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the whole prefix for every token, in the SNN and the ANN (no key-value caches)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads for torch")
     _finish(p, run_generate)
 
@@ -424,6 +432,11 @@ def _refuse(args: argparse.Namespace, names: Sequence[str], why: str) -> None:
     if given:
         raise UsageError(f"{', '.join(given)}: {why}")
 
+
+LM_BATCH_SIZE = 8
+"""Texts per batch of a language model when ``--batch-size`` is not given: its logits alone are
+``batch x tokens x vocabulary`` floats (49,152 tokens for SmolLM2), and every step keeps the state
+of 30 layers."""
 
 IMAGE_ONLY = ("checkpoint", "dataset", "class_map", "calib_batches", "energy_batches", "workers", "data_root",
               "download")
@@ -575,9 +588,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     stop_rule = _stop_rule(args)
     _check_model_name(args.model)
     _resolve_tune(args)
-    if lm.is_language_model(args.model):
-        _refuse(args, [*IMAGE_ONLY, "adaptive", "resume", "snn", "tune"],
-                "these options are not available for a language model")
+    if lm.is_language_model(args.model) or _is_lm_snn(args.snn):
+        _refuse(args, [*IMAGE_ONLY, "adaptive", "resume", "tune"], "these options are not available for a language model")
         return run_lm_evaluate(args)
     _refuse(args, ["max_tokens"], "--max-tokens is for language models")
     if getattr(args, "texts", None) is not None or is_text_model(args.model) or _is_text_snn(args.snn):
@@ -659,6 +671,28 @@ def _has_top5(setup: Setup) -> bool:
     return setup.bundle.num_classes > 5
 
 
+def _is_lm_snn(path: Optional[str]) -> bool:
+    """True when ``path`` is an SNN file of a causal LM (``ecmt convert --model smollm2``)."""
+    if path is None:
+        return False
+    from .serialization import read_info
+
+    return lm.is_lm_spec(read_info(path)["spec"])
+
+
+def _saved_lm(args: argparse.Namespace, fixed: Sequence[str]) -> tuple[lm.LanguageModel, SpikingModel]:
+    """The language model and SNN of ``--snn FILE``; the options in ``fixed`` are refused (the file fixes them)."""
+    from .serialization import read
+
+    _refuse(args, fixed, "the --snn file fixes its conversion; convert again to change it")
+    saved = read(args.snn)
+    return lm.saved_lm(saved, args.device, max_length=getattr(args, "max_tokens", None)), saved.snn.to(args.device)
+
+
+def _lm_batch_size(args: argparse.Namespace) -> int:
+    return args.batch_size if _given(args, ["batch_size"]) else LM_BATCH_SIZE
+
+
 def _is_text_snn(path: Optional[str]) -> bool:
     """True when ``path`` is an SNN file of a sentence encoder (``ecmt convert --model minilm``)."""
     if path is None:
@@ -735,22 +769,30 @@ def run_lm_evaluate(args: argparse.Namespace) -> int:
     _quiet_libraries(args)
     if args.texts is None:
         raise UsageError("--texts FILE is required for a language model (prose, e.g. /usr/share/common-licenses/GPL-3)")
-    calib, texts = lm.split_texts(lm.prose_sentences(args.texts),
-                                  None if args.calib_texts is None else read_texts(args.calib_texts), args.limit)
-    model = lm.load_lm(args.model, args.device, max_length=args.max_tokens)
-    _log(f"ecmt: evaluating {args.model} on {len(texts)} sentences of {args.texts}, calibrated on {len(calib)} "
-         f"others (T = {args.T})")
+    given = None if args.calib_texts is None else read_texts(args.calib_texts)
+    # an SNN file was calibrated when it was converted: none of the sentences is set apart
+    calib, texts = lm.split_texts(lm.prose_sentences(args.texts), [] if args.snn else given, args.limit)
+    snn = None
+    if args.snn is not None:
+        model, snn = _saved_lm(args, ["levels", "percentile", "rule", "per_channel", "calib_texts"])
+        calibrated = f"calibrated when {args.snn} was converted"
+    else:
+        model = lm.load_lm(args.model, args.device, max_length=args.max_tokens)
+        calibrated = f"calibrated on {len(calib)} others"
+    _log(f"ecmt: evaluating {args.snn or args.model} on {len(texts)} sentences of {args.texts}, {calibrated} "
+         f"(T = {args.T})")
     with tqdm(total=1, desc="batches", disable=_progress(), file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         record = lm.evaluate_lm(model, texts, calib, T=args.T, levels=args.levels or 8,
-                                percentile=args.percentile or 99.0, batch_size=args.batch_size,
+                                percentile=args.percentile or 99.0, batch_size=_lm_batch_size(args), snn=snn,
                                 energy_texts=2 if args.energy_texts is None else args.energy_texts,
-                                rule=_rule(args), progress=progress)
+                                rule=None if snn is not None else _rule(args), per_channel=args.per_channel,
+                                progress=progress)
     energy = record.pop("energy", None)
-    record.update(texts=args.texts, limit=args.limit, seconds=round(time.perf_counter() - start, 1))
+    record.update(texts=args.texts, snn_file=args.snn, limit=args.limit, seconds=round(time.perf_counter() - start, 1))
     written = [write_json(record, args.json)] if args.json else []
     if args.out:
         from . import plots
@@ -768,16 +810,19 @@ def run_lm_evaluate(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     """``ecmt generate``: the SNN's greedy continuation, streamed, then the ANN's and the agreement."""
     _quiet_libraries(args)
-    model = lm.load_lm(args.model)
-    calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
-    snn = lm.convert_lm(model, calib, args.levels, args.percentile, rule=_rule(args), per_channel=getattr(args, "per_channel", False))
+    if args.snn is not None:
+        model, snn = _saved_lm(args, ["levels", "percentile", "rule", "per_channel", "calib_texts"])
+    else:
+        model = lm.load_lm(args.model, args.device)
+        calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
+        snn = lm.convert_lm(model, calib, args.levels, args.percentile, rule=_rule(args), per_channel=args.per_channel)
     print(f"SNN (T = {args.T}): {args.prompt}", end="", flush=True)
     g = lm.generate(model, snn, args.prompt, args.T, args.max_new_tokens,
-                    on_text=lambda piece: print(piece, end="", flush=True))
+                    on_text=lambda piece: print(piece, end="", flush=True), cache=not args.no_cache)
     print(f"\nANN:          {args.prompt}{g.ann_text}")
+    caches = "both with a key-value cache" if g.cached else "both without a key-value cache"
     print(f"{g.common_prefix} of {len(g.ann_tokens)} leading tokens identical ({g.agreeing} equal by position); "
-          f"cost per token {g.cost_ratio:.1f}x the ANN's ({g.snn_seconds:.3f} s against {g.ann_seconds:.3f} s, "
-          "both without a KV cache)")
+          f"cost per token {g.cost_ratio:.1f}x the ANN's ({g.snn_seconds:.3f} s against {g.ann_seconds:.3f} s, {caches})")
     return 0
 
 
@@ -807,6 +852,26 @@ def run_text_convert(args: argparse.Namespace) -> int:
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
          f"rule {snn.thresholds.rule}, calibrated on {args.calib_texts or 'the packaged calibration sentences'}")
+    return 0
+
+
+def run_lm_convert(args: argparse.Namespace) -> int:
+    """``ecmt convert`` on a causal LM: calibrate on texts and save the SNN with its ANN."""
+    from .serialization import save
+
+    _refuse(args, [*IMAGE_ONLY, "tune"], "these options are not available for a language model; it is "
+                                         "calibrated on --calib-texts")
+    seed_everything(args.seed)
+    _quiet_libraries(args)
+    calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
+    model = lm.load_lm(args.model, args.device)
+    snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, _lm_batch_size(args),
+                        rule=_rule(args), per_channel=args.per_channel)
+    path = save(snn, args.output, ann=model.model)
+    _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
+         f"p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}"
+         f"{', per channel' if args.per_channel else ''}, calibrated on "
+         f"{args.calib_texts or 'the first 16 packaged calibration sentences'}")
     return 0
 
 
@@ -1114,6 +1179,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
     _check_model_name(args.model)
     _resolve_tune(args)
+    if lm.is_language_model(args.model):
+        return run_lm_convert(args)
     if is_text_model(args.model) or args.calib_texts is not None:
         return run_text_convert(args)
     seed_everything(args.seed)

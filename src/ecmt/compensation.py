@@ -18,6 +18,7 @@ either way. Blocks set the links with :func:`ecmt.layers.link`. Mean tensors are
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -140,6 +141,11 @@ class MatMulEC(Stateful):
     so that is what this module computes; the energy accounting counts the operations of
     Eq. 18, not of this formulation.
 
+    Args:
+        key_axis: For the products of attention (``q·kᵀ``, ``attn·v``), the axis of ``b`` that
+            runs over key positions, along which :class:`ecmt.kvcache.SpikingKVCache` prepends
+            the cached operands of earlier positions; None for other products.
+
     Example:
         >>> mm = MatMulEC()
         >>> a, b = torch.randn(4, 2, 3), torch.randn(4, 3, 5)
@@ -150,9 +156,10 @@ class MatMulEC(Stateful):
 
     _state = {"t": 0, "sa": None, "sb": None, "prev": None}
 
-    def __init__(self) -> None:
+    def __init__(self, key_axis: Optional[int] = None) -> None:
         super().__init__()
         self.mean_output = False  # return S_A(T)·S_B(T)/T², the running mean of the outputs (for a linked consumer)
+        self.key_axis = key_axis  # attention products: the axis of b that runs over key positions (ecmt.kvcache)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         self.t += 1

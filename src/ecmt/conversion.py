@@ -147,7 +147,11 @@ class SpikingModel(nn.Module):
         return self._output(out)
 
 
-_DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
+def _positions(ids: Tensor) -> Tensor:
+    return torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+
+
+_DEFAULTS = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like, "position_ids": _positions}
 """Inputs a text model reads as these defaults when they are not given."""
 
 

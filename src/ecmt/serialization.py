@@ -263,13 +263,16 @@ DATA_CONFIG: dict[str, Check] = {
 TEXT_HEAD: dict[str, Check] = {
     "source": Str(4096), "pooling": Choice("mean", "cls"), "normalize": Bool, "max_length": Int(1, 65536),
 }
+LM_HEAD: dict[str, Check] = {"source": Str(4096), "max_length": Int(1, 65536)}
+"""A causal LM's record (:func:`ecmt.lm.lm_spec`): where its tokenizer is found, and its length limit."""
 
 
 def _spec(v: Any, where: str) -> None:
     from .data import DATASETS
 
     Record({"name": Str(), "builder": Choice(*SPEC_KINDS), "kwargs": Json(1 << 20), "num_classes": CLASSES,
-            "data_config": Record(DATA_CONFIG), "dataset": Opt(Choice(*DATASETS)), "text": Record(TEXT_HEAD)},
+            "data_config": Record(DATA_CONFIG), "dataset": Opt(Choice(*DATASETS)), "text": Record(TEXT_HEAD),
+            "lm": Record(LM_HEAD, required=tuple(LM_HEAD))},
            required=("name", "builder", "kwargs", "num_classes", "data_config"))(v, where)
     table = SPEC_KINDS[v["builder"]]
     Record(table, required=[k for k in REQUIRED_KWARGS if k in table])(v["kwargs"], f"{where}.kwargs")
@@ -444,7 +447,9 @@ def _check_size(spec: Mapping[str, Any], path: Path) -> None:
 
     with safe_open(str(path), framework="pt") as f:
         stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    needed = sum(t.numel() for t in _build(spec, path, "meta").model.state_dict().values())
+    model = _build(spec, path, "meta").model
+    saved = model.state_dict().keys()  # tied weights (GPT-2's lm_head and wte) are one tensor, counted once
+    needed = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n in saved)
     if needed > stored:
         raise InvalidFileError(f"SNN file {path} is refused: its model spec describes {needed:,} weights "
                                f"but the file holds {stored:,} values")

@@ -308,7 +308,7 @@ class Rewriter:
                 sk = graph.call_function(aten.repeat_interleave.self_int, (sk, rep, -3))
                 sv = graph.call_function(aten.repeat_interleave.self_int, (sv, rep, -3))
             kt = graph.call_function(aten.transpose.int, (sk, -2, -1))
-            self.register(role["qk"], MatMulEC())
+            self.register(role["qk"], MatMulEC(key_axis=-1))  # kᵀ: keys along its last axis
             scores = self.call(role["qk"], (sq, kt))  # (B, H, L, S)
             self.register(role["softmax"], ExpectationCompensation(
                 AttentionSoftmax(float(scale), bool(names.get("causal", False)))))
@@ -317,7 +317,7 @@ class Rewriter:
             self.register(role["attn_neuron"], site)
             sp = self.call(role["attn_neuron"], (probs,))
             self.spikes[probs] = (sp, site)
-            self.register(role["av"], MatMulEC())
+            self.register(role["av"], MatMulEC(key_axis=-2))
             self._replace(node, self.call(role["av"], (sp, sv)))
 
     def nonlinear(self, node: fx.Node, path: str) -> None:
