@@ -30,7 +30,7 @@ def test_long_simulation_runs_in_chunks_under_the_budget():
         out.append(y)
         if t == 24:
             break
-    assert 8 <= sim._limit < 100  # chunks of a few dozen steps, not 1023
+    assert 8 <= sim.chunk < 100  # chunks of a few dozen steps, not 1023
     assert torch.equal(torch.stack(out), ref)
 
 

@@ -196,7 +196,8 @@ class Simulation:
         self.rows = torch.arange(_batch_tensor(x).shape[0], device=_batch_tensor(x).device)
         """Indices into the original batch of the inputs still simulated (the rows of each value)."""
         self._keep: Optional[Tensor] = None
-        self._limit = 1
+        self.chunk = 1
+        """Steps per chunk in multi-step mode, chosen under the budget after the first step."""
 
     @property
     def compacts(self) -> bool:
@@ -219,14 +220,14 @@ class Simulation:
         yield total / 1
         if self.multi and self.T > 1:
             memory = self.memory or default_memory(total.device)
-            self._limit = max(1, min(self.T - 1, memory // max(1, _step_bytes(snn, total, self.x))))
+            self.chunk = max(1, min(self.T - 1, memory // max(1, _step_bytes(snn, total, self.x))))
         t, size = 1, 1
         while t < self.T:
             if self._keep is not None:
                 total = self._compact(total)
                 if not total.shape[0]:
                     return
-            steps = min(self.T - t, self._limit if not self.growing else min(size, self._limit))
+            steps = min(self.T - t, self.chunk if not self.growing else min(size, self.chunk))
             size *= 2
             outs = _chunk_call(snn, self.x, steps) if steps > 1 else snn(self.x).float()[None]
             for out in outs:
