@@ -71,8 +71,9 @@ def main() -> None:
         "ratio_adaptive_over_fixed_T": adaptive / fixed,
         "counts_equal_uncompacted": same, "wall_s": time.time() - t0,
     }
-    print({k: out[k] for k in ("mean_steps", "ratio_adaptive_over_mean_steps_x_step_time", "ratio_adaptive_over_fixed_T",
-                                "counts_equal_uncompacted")})
+    keys = ("mean_steps", "ratio_adaptive_over_mean_steps_x_step_time", "ratio_adaptive_over_fixed_T",
+            "counts_equal_uncompacted")
+    print({k: out[k] for k in keys})
     write(a.name, out)
 
 

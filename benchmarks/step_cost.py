@@ -16,7 +16,8 @@ and the generic graph of :mod:`ecmt.graph`) in the same rounds; results are keye
 step, ``multi``: chunks of steps through each layer, ``auto``); with more than one, keys end in
 ``@sim``. The ratio is the whole simulation over T ANN forwards.
 
-    python benchmarks/step_cost.py --model vit_small_patch16_224 fmnist_vit --modes auto --sim step multi --name step_cost_multistep
+    python benchmarks/step_cost.py --model fmnist_vit vit_small_patch16_224 --modes auto --sim step multi \
+        --threads 1 --name step_cost_multistep
 """
 from __future__ import annotations
 
