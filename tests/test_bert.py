@@ -278,3 +278,14 @@ def test_cli_evaluates_a_sentence_encoder_folder(tmp_path):
                  "--energy-texts", "3", "--json", str(tmp_path / "saved.json")]) == 0
     saved = json.loads((tmp_path / "saved.json").read_text())
     assert (saved["cosine"], saved["energy_ratio"]) == (record["cosine"], record["energy_ratio"])
+
+    # the error analysis of the same SNN: its error at T = 4 is 1 − the evaluation's cosine, and a
+    # calibration sentence among the texts is not analysed
+    with open(tmp_path / "texts.txt", "a") as f:
+        f.write(packaged_texts("calibration")[0] + "\n")
+    assert main(["analyze", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "texts.txt"),
+                 "--calib-texts", str(tmp_path / "calib.txt"), "--T", "4", "--percentile", "90",
+                 "--json", str(tmp_path / "analysis.json")]) == 0
+    analysis = json.loads((tmp_path / "analysis.json").read_text())
+    assert (analysis["task"], analysis["n_inputs"], len(analysis["layers"])) == ("text", 5, 2)
+    assert 1 - analysis["error"] == pytest.approx(record["cosine"]["4"], abs=1e-6)

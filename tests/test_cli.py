@@ -269,3 +269,56 @@ def test_tune_replaces_the_percentile_and_is_recorded(checkpoint, folder, tmp_pa
     assert set(tuned["percentile_by_site_type"]) >= {"blocks.*.attn.qkv.neuron", "head.neuron"}
     assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--percentile", "99")) == 2
     assert "--tune" in capsys.readouterr().err
+
+
+def _analyze_args(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
+    return ["analyze", "--model", "ecmt_test_vit", "--checkpoint", str(checkpoint), "--dataset", str(folder),
+            "--T", "3", "--batch-size", "8", "--calib-batches", "2", *extra]
+
+
+def test_analyze_writes_json_and_plot_on_images_it_did_not_calibrate_on(checkpoint, folder, tmp_path, capsys):
+    js, png = tmp_path / "a.json", tmp_path / "a.png"
+    assert cli.main(_analyze_args(checkpoint, folder, "--exact", "--channels", "2", "--json", str(js),
+                                  "--plot", str(png))) == 0
+    r = json.loads(js.read_text())
+    assert r["n_inputs"] == 3 * 12 - 16  # the folder's 16 calibration images are left out
+    assert r["task"] == "image" and r["T"] == 3 and r["views"] == ["alone", "removed"] and r["percentile"] == 99.0
+    assert [e["block"] for e in r["layers"]] == ["blocks.0"] and r["outside"]["sites"] == 1  # depth 1, the head
+    assert r["simulations"] == 2 + 2 * (len(r["site_types"]) + 2)
+    assert r["all_exact_error"] < 1e-10 < r["error"]
+    assert sum(e["share"] for e in r["site_types"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert all(len(s["top"]) == 2 for s in r["worst_sites"])
+    assert {"model", "metric", "calibration", "sites", "additivity", "seconds", "ecmt_version"} <= set(r)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "share of the error" in out and "by block: 0:" in out and "worst Linear input" in out
+
+
+def test_analyze_takes_a_thresholds_file(checkpoint, folder, tmp_path):
+    bundle = load_model("ecmt_test_vit", checkpoint)
+    th = ecmt.calibrate(bundle.model, [torch.randn(8, 3, 16, 16)], percentile=95.0)
+    (tmp_path / "th.json").write_text(th.to_json())
+    js = tmp_path / "a.json"
+    assert cli.main(_analyze_args(checkpoint, folder, "--thresholds", str(tmp_path / "th.json"), "--limit", "5",
+                                  "--json", str(js))) == 0
+    r = json.loads(js.read_text())
+    assert r["percentile"] == 95.0 and r["n_inputs"] == 5 and r["calibration"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--plot", "out.txt"], "--plot out.txt: the file must end in"),
+    (["--thresholds", "missing.json"], "cannot read --thresholds missing.json"),
+    (["--thresholds", "bad.json"], "is not a thresholds file"),
+    (["--thresholds", "other.json"], "no threshold for"),
+    (["--thresholds", "bad.json", "--percentile", "90"], "--percentile: --thresholds gives the thresholds"),
+    (["--tune", "--percentile", "90"], "--tune chooses the percentiles itself"),
+    (["--max-tokens", "8"], "--max-tokens: these options are for text models"),
+    (["--T", "0"], "--T: must be at least 1"),
+])
+def test_analyze_refuses_bad_input_in_one_line(checkpoint, folder, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(ecmt.Thresholds({"nowhere.neuron": (1.0, 1.0)}).to_json())
+    assert cli.main(_analyze_args(checkpoint, folder, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ecmt: error: ") and message in err[0], err

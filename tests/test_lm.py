@@ -80,6 +80,22 @@ def test_cli_evaluate_and_generate_on_a_tiny_model(monkeypatch, tmp_path, capsys
     assert "leading tokens identical" in capsys.readouterr().out
 
 
+def test_cli_analyze_on_a_tiny_model(monkeypatch, tmp_path, capsys, llama):
+    model, _ = llama
+    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)
+    out = tmp_path / "a.json"
+    assert cli.main(["analyze", "--model", "smollm2", "--texts", GPL, "--T", "4", "--limit", "2", "--per-channel",
+                     "--json", str(out), "--plot", str(tmp_path / "a.png")]) == 0
+    r = json.loads(out.read_text())
+    assert (r["task"], r["n_inputs"], r["per_channel"], r["path"]) == ("language model", 2, True, "graph")
+    assert [e["index"] for e in r["layers"]] == [0, 1] and r["calibration"]["n"] == 16  # the GPL's first 16 sentences
+    assert abs(r["all_exact_error"]) < 1e-6 < r["error"] and (tmp_path / "a.png").is_file()
+    assert "next-token KL" in capsys.readouterr().out
+    assert cli.main(["analyze", "--model", "smollm2", "--T", "4"]) == 2  # no --texts
+    assert capsys.readouterr().err.strip() == ("ecmt: error: --texts FILE is required for a language model "
+                                               "(prose, e.g. /usr/share/common-licenses/GPL-3)")
+
+
 def test_missing_gguf_file_is_one_line(capsys, tmp_path):
     assert cli.main(["generate", "--model", str(tmp_path / "no.gguf"), "--prompt", "x"]) == 2
     assert capsys.readouterr().err.strip().startswith("ecmt: error: no such gguf file")

@@ -101,6 +101,9 @@ def test_auto_mode_falls_back_to_step_mode(tiny):
     assert Simulation(snn, x, 8).multi and not Simulation(snn, x, 2).multi  # T = 2: a chunk of 1 step
     with OpCounter(snn):  # hooks count per step
         assert not Simulation(snn, x, 8).multi
+    handle = next(n for _, n in snn.neurons()).register_forward_hook(lambda *args: None)
+    assert not Simulation(snn, x, 8).multi  # a hook on one module (ecmt.analysis) expects single steps
+    handle.remove()
     binary = to_binary(snn)  # its Linear layers take binary spikes, one step a call
     assert not Simulation(binary, x, 8).multi
     with pytest.raises(InvalidInputError, match="multi-step mode is not available.*BinarySpikingLinear"):

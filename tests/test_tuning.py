@@ -6,7 +6,8 @@ import torch
 
 import ecmt
 from ecmt import tuning
-from ecmt.tuning import lone_neuron_error, output_error, site_type, tune
+from ecmt.tuning import (fit_factor, lone_neuron_error, output_error, recorded_inputs, sample_sites, site_type,
+                         tune)
 
 from tiny_models import make
 
@@ -30,8 +31,9 @@ def test_tune_takes_only_calibration_batches_and_respects_its_budget(monkeypatch
             yield x
 
     calls = []
-    real = tuning.output_error
-    monkeypatch.setattr(tuning, "output_error", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for simulation in ("output_error", "recorded_inputs"):  # every SNN simulation of the search
+        real = getattr(tuning, simulation)
+        monkeypatch.setattr(tuning, simulation, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     th = tune(model, batches(), T=2, levels=8, budget=7)
     assert len(seen) == 2 and len(calls) == th.meta["simulations"] <= 7
     assert set(th) == set(ecmt.calibrate(model, seen))
@@ -93,3 +95,56 @@ def test_the_search_can_tune_for_the_papers_neuron():
     assert th.meta["reference_error"] == pytest.approx(paper) and th.meta["relative_sq_error"] < paper
     with pytest.raises(ecmt.InvalidInputError, match="spike rule"):
         tune(model, calib, T=4, rule="floor")
+
+
+@pytest.mark.parametrize("rule", ["eq25", "nearest"])
+def test_fit_factor_picks_the_factor_of_least_error_of_a_simulated_neuron(rule):
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randn(4, 50, generator=g) * 2 + 0.5  # (T, K): a fluctuating input per position
+    target = seq.mean(0)  # what the neuron's T-step mean should reproduce
+    theta = torch.stack([torch.rand(50, generator=g) + 0.2, torch.rand(50, generator=g) + 0.2])
+    factors = torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0])
+    errors = []
+    for f in factors.tolist():
+        neuron = ecmt.MTNeuron((theta[0] * f).tolist(), (theta[1] * f).tolist(), levels=3, rule=rule)
+        mean = sum(neuron(x) for x in seq) / 4
+        errors.append(float(((mean - target) ** 2).sum()))
+    best = factors[torch.tensor(errors).argmin()]
+    assert fit_factor(seq, theta, 3, ecmt.neurons.SpikeRule(rule), factors) == float(best)
+    assert fit_factor(torch.zeros(4, 50), theta, 3, ecmt.neurons.SpikeRule(rule), factors) == 1.0  # idle: kept
+    assert len(set(errors)) > 1  # the factors differ: the choice is not vacuous
+
+
+def test_recorded_inputs_leave_the_simulation_unchanged_and_see_the_analog_input_exactly():
+    model, shape = make("class_token")
+    calib = [torch.randn(8, *shape) for _ in range(2)]
+    th = ecmt.calibrate(model, calib)
+    with torch.no_grad():
+        refs = [model(x) for x in calib]
+    samplers = sample_sites(model, calib, 300, example=None, path="auto")
+    snn = ecmt.convert(model, th)
+    err, seqs = recorded_inputs(snn, samplers, calib, refs, T=3)
+    assert err == pytest.approx(output_error(model, th, calib, refs, T=3, levels=8))
+    assert set(seqs) == set(th) and all(s.shape == (3, 300) for s in seqs.values())
+    # the first site sees a function of the constant analog input: the same increment at every step
+    first, last = ecmt.site_names(model)[0], ecmt.site_names(model)[-1]
+    assert all(torch.allclose(step, seqs[first][0], rtol=1e-5, atol=1e-5) for step in seqs[first])
+    assert seqs[first].abs().sum() > 0
+    # behind spiking sites the input fluctuates from step to step
+    assert not torch.allclose(seqs[last][1], seqs[last][0], rtol=1e-3, atol=1e-3)
+
+
+def test_refits_start_from_the_lone_neuron_thresholds_and_keep_the_best():
+    model, shape = make("class_token")
+    calib = [torch.randn(16, *shape) for _ in range(2)]
+    with torch.no_grad():
+        refs = [model(x) for x in calib]
+    th = tune(model, calib, T=4, levels=8, budget=6, refits=2)
+    errs = th.meta["refit_errors"]
+    assert 1 <= len(errs) <= 2 and th.meta["errors"][1:1 + len(errs)] == errs
+    start = tuning.lone_neuron_thresholds(tuning.collect_statistics(model, calib), 4, 8, rule="nearest")
+    assert errs[0] == pytest.approx(output_error(model, start.with_rule("nearest"), calib, refs, T=4, levels=8))
+    assert th.meta["relative_sq_error"] == min(th.meta["errors"]) and len(th.meta["errors"]) <= 6
+    for bad in ({"refits": -1}, {"samples": 0}, {"samples": 1 << 20}):
+        with pytest.raises(ecmt.InvalidInputError, match=next(iter(bad))):
+            tune(model, calib, T=4, **bad)

@@ -14,6 +14,9 @@ Subcommands:
   calibration (paper Fig. 5).
 * ``ecmt ops``: the theoretical MACs per module of an architecture (paper Table 3).
 * ``ecmt generate``: greedy decoding of a causal LM's SNN beside its ANN (:mod:`ecmt.lm`).
+* ``ecmt analyze``: the error shares of an SNN at step T by site type and by block, the local
+  error of every site and the dominant channels of the worst ones (:mod:`ecmt.analysis`), on
+  held-out images, sentences or prose; JSON and a plot of error against depth.
 
 For a causal language model (``--model smollm2``, a ``.gguf`` file or a ``*ForCausalLM``
 folder), ``ecmt evaluate --texts FILE`` reads FILE as prose split into sentences and reports
@@ -76,6 +79,11 @@ TUNE_AUTO = 0
 TUNE_AUTO_MAX = 8
 TUNE_DEFAULT = 4
 PLOT_FORMATS = ("png", "pdf", "svg")
+
+ANALYZE_LIMIT = 64
+"""Held-out images or sentences ``ecmt analyze`` simulates by default (once per group of sites)."""
+ANALYZE_LM_LIMIT = 8
+"""Held-out sentences of a language model ``ecmt analyze`` simulates by default."""
 
 DEMO_MODEL = "fmnist-vit"
 DEMO_DATASET = "fashion-mnist"
@@ -273,15 +281,17 @@ def _resume_options(p: argparse.ArgumentParser) -> None:
                         "finished batches and reuse its converted SNN")
 
 
-def _text_options(p: argparse.ArgumentParser) -> None:
+def _text_options(p: argparse.ArgumentParser, *, energy: bool = True) -> None:
     p.add_argument("--texts", metavar="FILE",
                    help="sentence encoders (--model minilm or a model folder): measure the SNN's sentence "
-                        "embeddings on these sentences, one per line (default: the packaged held-out set)")
+                        "embeddings on these sentences, one per line (default: the packaged held-out set); "
+                        "language models: prose, split into sentences")
     _calib_texts_option(p)
-    p.add_argument("--energy-texts", type=_non_negative_int, default=None, metavar="N",
-                   help="sentence encoders: count operations and spikes on N of the sentences, spread over "
-                        "their lengths, each simulated alone without padding (default: 32, language models: 2; "
-                        "0: off)")
+    if energy:
+        p.add_argument("--energy-texts", type=_non_negative_int, default=None, metavar="N",
+                       help="sentence encoders: count operations and spikes on N of the sentences, spread over "
+                            "their lengths, each simulated alone without padding (default: 32, language models: 2; "
+                            "0: off)")
     p.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N",
                    help="language models: truncate each evaluated sentence to N tokens (default: 64)")
 
@@ -367,6 +377,30 @@ def build_parser() -> argparse.ArgumentParser:
     _calib_texts_option(p)
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads for torch")
     _finish(p, run_generate)
+
+    p = sub.add_parser("analyze", parents=[_common(threads=1)], help="which sites, layers and channels cause the error",
+                       description="Error shares by site type and by block at step T, local errors per site and the "
+                                   "dominant channels of the worst sites (ecmt.analysis), on held-out data.")
+    _model_options(p, snn_file=False)
+    _conversion_options(p, evaluated=True)
+    p.add_argument("--thresholds", metavar="FILE",
+                   help="base thresholds to analyse, a JSON file as ecmt.Thresholds.to_json() writes it "
+                        "(instead of calibrating: no --percentile, --tune or --per-channel)")
+    _calibration_options(p)
+    p.add_argument("--T", type=_positive_int, default=TUNE_DEFAULT, metavar="T",
+                   help=f"the time step whose output error is analysed (default: {TUNE_DEFAULT})")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help=f"analyse N held-out inputs (default: {ANALYZE_LIMIT} images or sentences, "
+                        f"{ANALYZE_LM_LIMIT} for a language model)")
+    _text_options(p, energy=False)
+    p.add_argument("--exact", action="store_true",
+                   help="also measure each group exact with the rest spiking (the share of the error removed); "
+                        "doubles the simulations")
+    p.add_argument("--channels", type=_non_negative_int, default=8, metavar="K",
+                   help="channels listed at each of the worst sites (default: 8; 0: none)")
+    p.add_argument("--json", metavar="FILE", help="write the analysis JSON to FILE")
+    p.add_argument("--plot", metavar="FILE", help=f"draw the error against depth to FILE ({', '.join(PLOT_FORMATS)})")
+    _finish(p, run_analyze)
     return parser
 
 
@@ -777,6 +811,158 @@ def run_text_convert(args: argparse.Namespace) -> int:
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
          f"rule {snn.thresholds.rule}, calibrated on {args.calib_texts or 'the packaged calibration sentences'}")
     return 0
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """``ecmt analyze``: error shares by site type and block at step T, local errors, dominant channels."""
+    from .analysis import analyze
+
+    start = time.perf_counter()
+    _check_model_name(args.model)
+    _resolve_tune(args)
+    seed_everything(args.seed)
+    if args.plot is not None and Path(args.plot).suffix.lstrip(".") not in PLOT_FORMATS:
+        raise UsageError(f"--plot {args.plot}: the file must end in .{', .'.join(PLOT_FORMATS)}")
+    if args.tune and args.percentile is not None:
+        raise UsageError("--tune chooses the percentiles itself; drop --percentile")
+    if args.thresholds is not None:
+        _refuse(args, ("percentile", "tune", "per_channel"), "--thresholds gives the thresholds; drop these options")
+    if lm.is_language_model(args.model):
+        _refuse(args, [*IMAGE_ONLY, "tune"], "these options are not available for a language model")
+        loaded = _lm_for_analysis(args)
+    elif args.texts is not None or is_text_model(args.model):
+        _refuse(args, [*IMAGE_ONLY, "max_tokens"], "these options are for image classifiers or language models, "
+                                                   "not for a sentence encoder")
+        loaded = _text_for_analysis(args)
+    else:
+        _refuse(args, ["calib_texts", "max_tokens"], "these options are for text models")
+        loaded = _images_for_analysis(args)
+    snn, error, info = loaded
+    _log(f"ecmt: analysing {args.model} at T = {args.T} on {info['n_inputs']} held-out {info['inputs']} "
+         f"(n = {snn.levels}, p = {snn.thresholds.percentile}, rule {snn.thresholds.rule})")
+    result = analyze(snn, error, T=args.T, views=("alone", "removed") if args.exact else ("alone",),
+                     channels=args.channels, progress=_progress(), log=_progress_log())
+    record = {"model": args.model, **info, **result, "thresholds_file": args.thresholds, "seed": args.seed,
+              "seconds": round(time.perf_counter() - start, 1), "ecmt_version": __version__}
+    try:
+        written = [write_json(record, args.json)] if args.json else []
+        if args.plot:
+            from . import plots  # matplotlib is imported only when plotting
+
+            written.append(plots.plot_error_depth(record, args.plot))
+    except OSError as e:
+        raise results_or_stdout(record, e) from None
+    for path in written:
+        _log(f"ecmt: wrote {path}")
+    print(_analysis_summary(record))
+    return 0
+
+
+def _analysis_summary(record: dict[str, Any]) -> str:
+    """The dominant site types, blocks and channels of an analysis, in a few lines."""
+    view = "share" if "alone" in record["views"] else "removed"
+    lines = [f"{record['metric']} at T = {record['T']}: {record['error']:.6g} with every site spiking "
+             f"({record['all_exact_error']:.2g} with every site exact); {view} of the error:"]
+    for name, e in list(record["site_types"].items())[:5]:
+        lines.append(f"  {100 * e[view]:6.1f} %  {name} ({e['sites']} sites, local error {e['local_error']:.4f})")
+    blocks = " ".join(f"{e['index']}:{100 * e[view]:.0f}%" for e in record["layers"])
+    outside = record.get("outside")
+    lines.append(f"  by block: {blocks}" + (f", outside blocks {100 * outside[view]:.0f}%" if outside else ""))
+    worst = max(record["sites"], key=lambda n: record["sites"][n]["local_error"])
+    lines.append(f"  largest local error: {worst} ({record['sites'][worst]['local_error']:.4f})")
+    for site in record["worst_sites"][:3]:
+        top = ", ".join(f"{c['channel']} ({100 * c['share']:.0f}%, {c['rms_over_median']:.1f}x median)"
+                        for c in site.get("top", [])[:3])
+        lines.append(f"  worst Linear input {site['site']}: local error {site['local_error']:.4f}"
+                     + (f"; channels {top}" if top else ""))
+    return "\n".join(lines)
+
+
+def _thresholds_file(args: argparse.Namespace, model: nn.Module) -> SpikingModel:
+    """The SNN of ``model`` with the thresholds of ``--thresholds FILE``."""
+    from .errors import InvalidFileError
+    from .thresholds import Thresholds
+
+    try:
+        th = Thresholds.from_json(Path(args.thresholds).read_text())
+    except OSError as e:
+        raise InvalidFileError(f"cannot read --thresholds {args.thresholds}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InvalidFileError(f"--thresholds {args.thresholds} is not a thresholds file "
+                               f"(as ecmt.Thresholds.to_json() writes): {type(e).__name__}: {e}") from None
+    return convert(model, th, levels=args.levels or 8, rule=args.rule)
+
+
+def _images_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dict[str, Any]]:
+    """An image classifier's SNN, its error on held-out images (never its calibration images), and what they are."""
+    from torch.utils.data import Subset
+
+    from .analysis import output_error_of
+
+    bundle = load_model(args.model, args.checkpoint)
+    setup = _setup(args, bundle, bundle.model)
+    if args.thresholds is not None:
+        snn, calibration = _thresholds_file(args, bundle.model), None
+    else:
+        snn, calibration = _calibrated_snn(setup, args)
+    test = setup.data.test
+    candidates = list(range(len(test)))
+    if setup.data.calibration is test:  # an image folder: its calibration images are left out
+        calib = _calibration_images(setup, args)
+        used = set(calib.indices) if isinstance(calib, Subset) else set(candidates)
+        candidates = [i for i in candidates if i not in used]
+    if not candidates:
+        raise UsageError(f"no images of {setup.data.name} are left after the calibration images: "
+                         "lower --calib-batches or --batch-size")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    chosen = [candidates[i] for i in torch.randperm(len(candidates), generator=g)[:args.limit or ANALYZE_LIMIT]]
+    images = Subset(test, chosen)
+    batches = list(images_only(loader(images, args.batch_size, args.workers)))
+    info = {"task": "image", "metric": "relative squared error of the output", "inputs": "images",
+            "n_inputs": len(images), "dataset": setup.data.name, "calibration": calibration}
+    return snn, output_error_of(bundle.model.to(setup.device), batches, args.T), info
+
+
+def _text_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dict[str, Any]]:
+    """A sentence encoder's SNN, its embedding error on held-out sentences (none calibrated on), and what they are."""
+    from .text import embedding_error
+
+    _quiet_libraries(args)
+    calib = packaged_texts("calibration") if args.calib_texts is None else read_texts(args.calib_texts)
+    seen = set(calib)
+    texts = [t for t in (packaged_texts("heldout") if args.texts is None else read_texts(args.texts)) if t not in seen]
+    if not texts:
+        raise UsageError("every sentence to analyse is also a calibration sentence: give other --texts")
+    texts = sorted(_text_subset(texts, args.limit or ANALYZE_LIMIT, args.seed), key=len)
+    tm = load_text_model(args.model, args.device)
+    if args.thresholds is not None:
+        snn = _thresholds_file(args, tm.model)
+    else:
+        snn = convert_text(tm, calib, args.levels or 8, args.percentile or 99.0, tune=args.tune,
+                           batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel)
+    info = {"task": "text", "metric": "1 - mean cosine of the sentence embeddings", "inputs": "sentences",
+            "n_inputs": len(texts), "texts": args.texts, "calibration": {"texts": args.calib_texts, "n": len(calib)}}
+    return snn, embedding_error(tm, texts, args.T, args.batch_size), info
+
+
+def _lm_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dict[str, Any]]:
+    """A causal LM's SNN, its next-token KL on held-out sentences (none calibrated on), and what they are."""
+    _quiet_libraries(args)
+    if args.texts is None:
+        raise UsageError("--texts FILE is required for a language model (prose, e.g. /usr/share/common-licenses/GPL-3)")
+    calib, texts = lm.split_texts(lm.prose_sentences(args.texts),
+                                  None if args.calib_texts is None else read_texts(args.calib_texts),
+                                  args.limit or ANALYZE_LM_LIMIT)
+    model = lm.load_lm(args.model, args.device, max_length=args.max_tokens)
+    if args.thresholds is not None:
+        snn = _thresholds_file(args, model.model)
+    else:
+        snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, args.batch_size, _rule(args),
+                            args.per_channel)
+    info = {"task": "language model", "metric": "mean next-token KL(ANN || SNN)", "inputs": "sentences",
+            "n_inputs": len(texts), "texts": args.texts, "max_tokens": args.max_tokens,
+            "calibration": {"texts": args.calib_texts, "n": len(calib)}}
+    return snn, lm.next_token_kl(model, texts, args.T, args.batch_size), info
 
 
 def _stop_rule(args: argparse.Namespace) -> Optional[StopRule]:

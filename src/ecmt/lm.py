@@ -191,6 +191,31 @@ def lm_reducer(batch: dict[str, Tensor], ann_top1: Tensor) -> Callable[[Tensor],
     return reduce
 
 
+def next_token_kl(lm: LanguageModel, texts: Sequence[str], T: int, batch_size: int = 8) -> Callable[[SpikingModel], float]:
+    """The mean KL divergence ``KL(ANN ‖ SNN_T)`` of the next-token distributions over the
+    predicted positions of ``texts`` (see :func:`targets`): the error
+    :func:`ecmt.analysis.analyze` takes for a causal LM (0 iff the SNN's distributions are the ANN's).
+
+    The ANN's log-probabilities are computed once, here (``[B, L, vocab]`` per batch).
+    """
+    batches = lm.batches(list(texts), batch_size)
+    refs = [lm.logits(b)[:, :-1].log_softmax(-1) for b in batches]
+
+    @torch.no_grad()
+    def error(snn: SpikingModel) -> float:
+        kl, n = 0.0, 0
+        for batch, ref in zip(batches, refs):
+            for logits in simulate_steps(snn, batch, T):  # only the last estimate is kept
+                pass
+            valid = targets(batch)[1]
+            logp = logits[:, :-1].float().log_softmax(-1)
+            kl += float((ref.exp() * (ref - logp)).sum(-1)[valid].sum())
+            n += int(valid.sum())
+        return kl / max(n, 1)
+
+    return error
+
+
 def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: float = 99.0,
                batch_size: int = 8, rule: Union[str, SpikeRule, None] = None, per_channel: bool = False) -> SpikingModel:
     """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path); ``per_channel``:

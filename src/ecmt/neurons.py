@@ -187,6 +187,7 @@ class MTNeuron(Stateful):
         self.rule = check_rule(rule)
         self.mean_input = False  # the input is the running mean of the inputs (see mt_step_mean)
         self.record = False  # count spikes per level (for firing rates and energy)
+        self.exact = False  # pass the input on unquantized (see forward; for ecmt.analysis)
         self.register_buffer("theta", theta)
         # Spikes per (sign, level) since the counters were last cleared; sign 0 is positive.
         self.register_buffer("spike_counts", torch.zeros(2, levels, dtype=torch.int64), persistent=False)
@@ -238,7 +239,16 @@ class MTNeuron(Stateful):
 
     def forward(self, x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         """One time step (or a chunk of :attr:`steps`, see :mod:`ecmt.state`). ``dtype``: that of
-        the spikes when ``mean_input`` is set (else that of ``x``)."""
+        the spikes when ``mean_input`` is set (else that of ``x``).
+
+        With ``exact`` set, the neuron sends its whole membrane at every step, so nothing is
+        left in it (Eq. 21 and 24 with s = m): the limit of infinitely many levels. Its output is
+        its input, or with ``mean_input`` the input of this step, ``t·x̄(t) − (t−1)·x̄(t−1)``.
+        """
+        if self.exact and not self.mean_input:
+            return x
+        if self.exact:
+            return self._exact_forward(x, dtype)
         if self.steps > 1:
             out = self._chunk_forward(x, dtype)
         else:
@@ -246,6 +256,18 @@ class MTNeuron(Stateful):
         if self.record:
             self._count(out)
         return out
+
+    def _exact_forward(self, x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        """``exact`` with ``mean_input``: the membrane of each step, sent whole."""
+        if self.v is None:
+            self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
+        outs = []
+        for xk in (self.chunk(x, self.v).unbind(0) if self.steps > 1 else [x]):
+            self.t += 1
+            m = xk.float() * self.t + self.v  # Eq. 21, summed over time
+            self.v.sub_(m)  # Eq. 24 with s = m
+            outs.append(m.to(dtype or x.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _step_forward(self, x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
         if self.v is None:

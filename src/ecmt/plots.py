@@ -1,5 +1,5 @@
 """Figures: energy ratio against T, energy per module, firing rates, accuracy against T,
-accuracy against energy, sentence-embedding fidelity against T.
+accuracy against energy, sentence-embedding fidelity against T, error against depth.
 
 The energy figures take the dict of :func:`ecmt.energy.energy_report`, the accuracy figures
 an ``ecmt evaluate`` or ``ecmt sweep`` record, the fidelity figure a record of
@@ -414,4 +414,50 @@ def plot_perplexity(result: Mapping[str, Any], path: PathLike) -> Path:
         _integer_steps(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_error_depth(record: Mapping[str, Any], path: PathLike) -> Path:
+    """Error against depth and by site type, from an error analysis (:func:`ecmt.analysis.analyze`).
+
+    Left: per block (x: its index), its share of the output error (view ``alone``: its error
+    when only it spikes, over the sum of those of all blocks) and the share of the error
+    removed when it is exact (view ``removed``), with the mean local error of its sites on the
+    right axis. Right: the share per site type (the same site in every block), largest first.
+
+    Args:
+        record: An ``ecmt analyze`` record (``layers``, ``site_types``, ``error``, ``T``,
+            ``model``, ``metric``).
+        path: The image to write.
+    """
+    setting = "tuned" if record.get("tuned") else f"p = {record.get('percentile')}"
+    title = (f"{record.get('model', 'SNN')}, T = {record.get('T')}, n = {record.get('levels')}, {setting}"
+             f"{', per channel' if record.get('per_channel') else ''}")
+    layers, types = record["layers"], record["site_types"]
+    fig = Figure(figsize=(12, max(4.5, 0.3 * len(types) + 1.5)))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    xs = [e["index"] for e in layers]
+    series = (("share", "only this block spiking (alone, normalised)", "o"),
+              ("removed", "removed when this block is exact", "s"))
+    for i, (key, label, marker) in enumerate(series):
+        if layers and key in layers[0]:
+            left.plot(xs, [100 * e[key] for e in layers], marker=marker, markersize=4, color=f"C{i}", label=label)
+    left.axhline(0.0, color="grey", linewidth=0.8)
+    local = left.twinx()
+    local.plot(xs, [e["local_error"] for e in layers], color="C2", linestyle=":", marker=".", label="mean local error")
+    local.set_ylabel("local error of the sites (relative)", color="C2")
+    left.set(xlabel="block (depth)", ylabel="share of the output error (%)")
+    left.set_title(f"{title}\n{record.get('metric', 'error')}, all spiking: {record['error']:.4g}", fontsize="medium")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.grid(alpha=0.3)
+    handles = left.get_legend_handles_labels()[0] + local.get_legend_handles_labels()[0]
+    left.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    names = list(types)
+    key = "share" if names and "share" in types[names[0]] else "removed"
+    right.barh(range(len(names)), [100 * types[n][key] for n in names], color="C0")
+    right.set_yticks(range(len(names)), [n.replace(".neuron", "") for n in names], fontsize="small")
+    right.invert_yaxis()
+    right.set(xlabel="share of the error (%)" if key == "share" else "share of the error removed (%)",
+              title="by site type" + (" (alone, normalised)" if key == "share" else " (exact)"))
+    right.grid(alpha=0.3, axis="x")
     return _save(fig, path)

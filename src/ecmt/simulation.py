@@ -80,10 +80,11 @@ def default_memory(device: torch.device) -> int:
 
 def supports_multi_step(snn: SpikingModel) -> bool:
     """Whether ``snn`` runs in multi-step mode: every stateful module supports it, no forward hooks
-    are attached, and a probe (two steps of one input) runs. The probe runs once per network."""
-    if snn._forward_hooks or snn._forward_pre_hooks or snn.net._forward_hooks or snn.net._forward_pre_hooks:
-        return False
+    are attached to the model or to a stateful module (they expect one step per call), and a
+    probe (two steps of one input) runs. The probe runs once per network."""
     modules = snn.__dict__["_stateful"]
+    if any(m._forward_hooks or m._forward_pre_hooks for m in [snn, snn.net, *modules]):
+        return False
     if not all(m.multi_step for m in modules):
         return False
     return snn.__dict__.get("_multi_step_probe", True)

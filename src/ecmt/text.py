@@ -181,6 +181,20 @@ class TextModel:
         return torch.cat(out, dim=1)
 
 
+def embedding_error(tm: TextModel, texts: Sequence[str], T: int, batch_size: int = 32) -> Callable[[SpikingModel], float]:
+    """``1 −`` the mean cosine similarity of an SNN's sentence embeddings at step T to the ANN's
+    on ``texts``: the error :func:`ecmt.analysis.analyze` takes for a sentence encoder.
+
+    The ANN's embeddings are computed once, here; the texts are batched in the order given.
+    """
+    ann = tm.encode(texts, batch_size)
+
+    def error(snn: SpikingModel) -> float:
+        return 1.0 - float(F.cosine_similarity(tm.encode_spiking(snn, texts, T, batch_size)[-1], ann, dim=-1).mean())
+
+    return error
+
+
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of the token states over the positions where ``attention_mask`` is 1.
 
