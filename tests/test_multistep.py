@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ecmt
-from ecmt import fusion
+from ecmt import fusion, simulation
 from ecmt.compensation import ExpectationCompensation, MatMulEC, compensate_scan, mean_scan, rescale_scan, sum_scan
 from ecmt.energy import OpCounter
 from ecmt.errors import InvalidInputError
@@ -95,7 +95,7 @@ def tiny():
     return ecmt.convert(model, ecmt.calibrate(model, [x]), levels=4), x
 
 
-def test_auto_mode_falls_back_to_step_mode(tiny):
+def test_auto_mode_falls_back_to_step_mode(tiny, monkeypatch):
     snn, x = tiny
     assert snn.path == "adapter" and supports_multi_step(snn)
     assert Simulation(snn, x, 8).multi and not Simulation(snn, x, 2).multi  # T = 2: a chunk of 1 step
@@ -104,6 +104,10 @@ def test_auto_mode_falls_back_to_step_mode(tiny):
     handle = next(n for _, n in snn.neurons()).register_forward_hook(lambda *args: None)
     assert not Simulation(snn, x, 8).multi  # a hook on one module (ecmt.analysis) expects single steps
     handle.remove()
+    ref = ecmt.simulate(snn, x, 6, mode="step")
+    monkeypatch.setattr(simulation, "AUTO_STATE_LIMIT", 0)  # every state counts as large: one step at a time
+    big = Simulation(snn, x, 6)
+    assert torch.equal(torch.stack(list(big)), ref) and not big.multi and big.chunk == 1 and big.compacts
     binary = to_binary(snn)  # its Linear layers take binary spikes, one step a call
     assert not Simulation(binary, x, 8).multi
     with pytest.raises(InvalidInputError, match="multi-step mode is not available.*BinarySpikingLinear"):

@@ -30,11 +30,16 @@ from .state import set_steps
 MODES = ("auto", "step", "multi")
 """How :func:`simulate` runs the steps: ``step`` one network call per step, ``multi`` chunks of
 steps (multi-step mode), ``auto`` multi-step mode where the network supports it (every stateful
-module does, no forward hooks are attached, e.g. by :class:`ecmt.energy.OpCounter`) and step
-mode otherwise."""
+module does, no forward hooks are attached, e.g. by :class:`ecmt.energy.OpCounter`) and its state
+is small enough to gain (:data:`AUTO_STATE_LIMIT`), step mode otherwise."""
 
 DEFAULT_MEMORY = 2 << 30
 """Bytes a chunk's temporaries may take on CPU by default (on CUDA: half the free memory)."""
+
+AUTO_STATE_LIMIT = 32 << 20
+"""In ``auto`` mode, multi-step mode is used while the largest state tensor of one step is at most
+this many bytes; above it the chunk's working set makes it slower than step mode (measured: ViT-S/16
+on CPU, 7.5 MiB attention maps at batch 8: faster, 60 MiB at batch 64: slower)."""
 
 STEP_BYTES_FACTOR = 8
 """A chunk's temporaries per step, in units of the largest state tensor (measured on ViT-S/16 and
@@ -140,8 +145,8 @@ def _chunk_call(snn: SpikingModel, x: Any, steps: int) -> Tensor:
     return out.float().unflatten(0, (steps, -1))
 
 
-def _step_bytes(snn: SpikingModel, output: Tensor, x: Any) -> int:
-    """Estimated bytes of a chunk's temporaries per step (after the first step, from the state)."""
+def _largest_state(snn: SpikingModel) -> int:
+    """Bytes of the largest state tensor of the network (after a first step)."""
     largest = 0
     for m in snn.__dict__["_stateful"]:
         for name in m._state:
@@ -149,6 +154,12 @@ def _step_bytes(snn: SpikingModel, output: Tensor, x: Any) -> int:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(v, Tensor):
                     largest = max(largest, v.numel() * v.element_size())
+    return largest
+
+
+def _step_bytes(snn: SpikingModel, output: Tensor, x: Any) -> int:
+    """Estimated bytes of a chunk's temporaries per step (after the first step, from the state)."""
+    largest = _largest_state(snn)
     inputs = sum(v.numel() * v.element_size() for v in (x.values() if isinstance(x, Mapping) else [x])
                  if isinstance(v, Tensor))
     return STEP_BYTES_FACTOR * largest + 2 * output.numel() * output.element_size() + inputs
@@ -191,8 +202,12 @@ class Simulation:
             raise InvalidInputError(f"multi-step mode is not available for this network ({', '.join(kinds)} "
                                     "run one step at a time): use mode='step' or 'auto'")
         self.snn, self.x, self.T, self.growing = snn, x, T, growing
-        self.multi = mode == "multi" or (mode == "auto" and T > 2 and supports_multi_step(snn)
-                                         and ("_multi_step_probe" in snn.__dict__ or _probe(snn, x)))
+        self._foldable = mode == "multi" or (mode == "auto" and supports_multi_step(snn)
+                                             and ("_multi_step_probe" in snn.__dict__ or _probe(snn, x)))
+        self._auto = mode == "auto"
+        self.multi = self._foldable and (mode == "multi" or T > 2)
+        """Whether chunks of steps run (in ``auto`` mode decided again after the first step, from
+        the state's size: :data:`AUTO_STATE_LIMIT`)."""
         self.memory = memory
         self.rows = torch.arange(_batch_tensor(x).shape[0], device=_batch_tensor(x).device)
         """Indices into the original batch of the inputs still simulated (the rows of each value)."""
@@ -202,9 +217,9 @@ class Simulation:
 
     @property
     def compacts(self) -> bool:
-        """Whether :meth:`keep` removes inputs (in multi-step mode, where the network's state is
-        known to hold the batch along dimension 0); else every input runs to T."""
-        return self.multi
+        """Whether :meth:`keep` removes inputs (where the network runs multi-step mode, so its state
+        is known to hold the batch along dimension 0); else every input runs to T."""
+        return self._foldable
 
     def keep(self, keep: Tensor) -> None:
         """From the next chunk on, simulate only the inputs where ``keep`` (bool, one per row of the
@@ -219,6 +234,8 @@ class Simulation:
         with input_errors(self.x, "the input", InvalidInputError):  # an input that does not fit fails at once
             total = snn(self.x).float()
         yield total / 1
+        if self.multi and self._auto and _largest_state(snn) > AUTO_STATE_LIMIT:
+            self.multi = False  # one step at a time is faster here (inputs can still leave)
         if self.multi and self.T > 1:
             memory = self.memory or default_memory(total.device)
             self.chunk = max(1, min(self.T - 1, memory // max(1, _step_bytes(snn, total, self.x))))
