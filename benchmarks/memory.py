@@ -28,6 +28,10 @@ allocation of 64 KiB or more its own mapping, returned to the OS when freed, so 
 follows the live tensors. On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
 
     python benchmarks/memory.py                           # ViT-S/16, batch 8, T = 4, 16, 64
+    python benchmarks/memory.py --T 4 64 --sim step multi --no-live --name memory_multistep
+
+``--sim`` measures each simulation mode (``step``, ``multi``: chunks of steps, the chunk chosen
+under ``--budget`` bytes, default that of ``ecmt.simulate``); the chunk used is recorded.
 """
 from __future__ import annotations
 
@@ -143,7 +147,7 @@ def child(a: argparse.Namespace) -> None:
     T = a.T[0]
     with torch.no_grad():  # warm-up on a slice: imports, compilation, kernel selection
         if a.what == "snn":
-            ecmt.simulate(snn, x[:2], T=2)
+            ecmt.simulate(snn, x[:2], T=4, mode=a.sim[0])
         else:
             model(x[:2])
         snn.reset()
@@ -155,9 +159,12 @@ def child(a: argparse.Namespace) -> None:
     else:
         reset = reset_peak()
         before, peak_before = rss_bytes(), maxrss_bytes()
+    sim = None
     with torch.no_grad():
         if a.what == "snn":
-            out = ecmt.simulate(snn, x, T=T)
+            from ecmt.simulation import Simulation
+            sim = Simulation(snn, x, T, mode=a.sim[0], memory=a.budget)
+            out = torch.stack(list(sim))
         else:
             out = model(x)
     if cuda:
@@ -170,7 +177,7 @@ def child(a: argparse.Namespace) -> None:
               "peak_reset_before_call": True if cuda else reset,
               "output_bytes": out.untyped_storage().nbytes()}
     if a.what == "snn":
-        result["state"] = state_bytes(snn)
+        result.update(state=state_bytes(snn), sim=a.sim[0], chunk=sim.chunk, budget=a.budget)
     print("RESULT " + json.dumps(result))
 
 
@@ -196,6 +203,8 @@ def main() -> None:
     p.add_argument("--name", default="memory")
     p.add_argument("--no-live", dest="live", action="store_false",
                    help="skip the runs with MALLOC_MMAP_THRESHOLD_ (RSS = live memory)")
+    p.add_argument("--sim", nargs="+", default=["auto"], help="simulation modes: auto, step, multi")
+    p.add_argument("--budget", type=int, default=None, help="memory budget of multi-step mode, bytes")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--what", default="snn", help=argparse.SUPPRESS)
     p.add_argument("--thresholds", help=argparse.SUPPRESS)
@@ -217,13 +226,16 @@ def main() -> None:
                   "--device", a.device, "--thresholds", str(th_path)]
         ann = run_child([*common, "--what", "ann", "--T", "1"])
         print("ann", ann, flush=True)
+        if a.budget is not None:
+            common += ["--budget", str(a.budget)]
         snn, live = [], []
-        for T in a.T:
-            snn.append(run_child([*common, "--what", "snn", "--T", str(T)]))
-            print("snn", snn[-1], flush=True)
-            if a.live:
-                live.append(run_child([*common, "--what", "snn", "--T", str(T)], live=True))
-                print("snn (live)", live[-1], flush=True)
+        for sim in a.sim:
+            for T in a.T:
+                snn.append(run_child([*common, "--what", "snn", "--T", str(T), "--sim", sim]))
+                print("snn", snn[-1], flush=True)
+                if a.live:
+                    live.append(run_child([*common, "--what", "snn", "--T", str(T), "--sim", sim], live=True))
+                    print("snn (live)", live[-1], flush=True)
     state = snn[-1]["state"]["total"]
     mib = 2 ** 20
     out = {
@@ -235,15 +247,17 @@ def main() -> None:
         "simulate_live_memory": live,
         "ann_activations_bytes": acts,
         "summary_MiB": {
-            "simulate_peak_increment_by_T": {s["T"]: s["increment"] / mib for s in snn},
-            "simulate_peak_increment_by_T (live memory)": {s["T"]: s["increment"] / mib for s in live},
+            "simulate_peak_increment_by_T": {f"{s['sim']} T={s['T']}": s["increment"] / mib for s in snn},
+            "simulate_peak_increment_by_T (live memory)": {f"{s['sim']} T={s['T']}": s["increment"] / mib
+                                                          for s in live},
             "ann_forward_peak_increment": ann["increment"] / mib,
             "state": state / mib,
             "ann_activations_leaf_module_outputs": acts["leaf_module_outputs"] / mib,
             "ann_activations_all_op_outputs": acts["all_op_outputs"] / mib,
         },
         "ratios": {
-            "peak_increment_T_max_over_T_min": snn[-1]["increment"] / snn[0]["increment"],
+            "peak_increment_T_max_over_T_min": {sim: [s for s in snn if s["sim"] == sim][-1]["increment"]
+                                                / [s for s in snn if s["sim"] == sim][0]["increment"] for sim in a.sim},
             "state_over_leaf_module_outputs": state / acts["leaf_module_outputs"],
             "state_over_all_op_outputs": state / acts["all_op_outputs"],
             "state_over_ann_peak_increment": state / ann["increment"],

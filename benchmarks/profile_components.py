@@ -10,6 +10,7 @@ simulations are interleaved over a few rounds; each component's median is report
 op-level torch.profiler table of a short simulation is stored as well.
 
     python benchmarks/profile_components.py                    # ViT-S/16, batch 8, T=8
+    python benchmarks/profile_components.py --sim multi        # the same in multi-step mode (per chunk)
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["auto", "0"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-op-table", action="store_true")
+    p.add_argument("--sim", default="step", choices=("step", "multi"),
+                   help="simulation mode timed (the hooks make auto choose step mode)")
     p.add_argument("--name", default="profile")
     a = p.parse_args()
     reexec_with_tuned_malloc(a.tuned_malloc)
@@ -134,7 +137,7 @@ def main() -> None:
             runs["ann"].append(_ann_run(model, x))
             for mode in a.modes:
                 set_fusion(mode)
-                runs[mode].append(_snn_run(snn, x, a.T))
+                runs[mode].append(_snn_run(snn, x, a.T, a.sim))
             print(f"round {r + 1}: ANN {runs['ann'][-1]['wall']:.3f} s, "
                   + ", ".join(f"step[{m}] {runs[m][-1]['wall']:.3f} s" for m in a.modes), flush=True)
         ann = _median_run(runs["ann"])
@@ -171,9 +174,9 @@ def _ann_run(model: nn.Module, x: torch.Tensor) -> dict:
     return {"wall": wall, "components": comps}
 
 
-def _snn_run(snn: ecmt.SpikingModel, x: torch.Tensor, T: int) -> dict:
+def _snn_run(snn: ecmt.SpikingModel, x: torch.Tensor, T: int, sim: str) -> dict:
     timer = HookTimer(snn_components(snn))
-    wall = _wall(lambda: ecmt.simulate(snn, x, T=T)) / T
+    wall = _wall(lambda: ecmt.simulate(snn, x, T=T, mode=sim)) / T  # auto: step mode, as hooks are attached
     timer.remove()
     for k in timer.total:
         timer.total[k] /= T

@@ -12,7 +12,12 @@ ratio of the medians. The ANN is the unmodified timm model (fused SDPA attention
 
 ``--paths`` times the same model converted by each conversion path (the hand-written adapter
 and the generic graph of :mod:`ecmt.graph`) in the same rounds; results are keyed
-``path:mode`` then.
+``path:mode`` then. ``--sim`` times simulation modes (``step``: the whole network once per
+step, ``multi``: chunks of steps through each layer, ``auto``); with more than one, keys end in
+``@sim``. The ratio is the whole simulation over T ANN forwards.
+
+    python benchmarks/step_cost.py --model fmnist_vit vit_small_patch16_224 --modes auto --sim step multi \
+        --threads 1 --name step_cost_multistep
 """
 from __future__ import annotations
 
@@ -28,22 +33,28 @@ from common import (MODELS, convert, environment, fusion_mode, load_model, reexe
 
 
 def bench(model_name: str, batch: int, T: int, rounds: int, modes: list[str], device: str,
-          paths: list[str]) -> dict:
+          paths: list[str], sims: list[str]) -> dict:
     model, x = load_model(model_name, batch, device)
     snns = {p: convert(model, x, path=p) for p in paths}
-    keys = [(p, m, m if paths == ["auto"] else f"{p}:{m}") for p in paths for m in modes]
+    keys = [(p, m, sim, (m if paths == ["auto"] else f"{p}:{m}") + ("" if len(sims) == 1 else f"@{sim}"))
+            for p in paths for m in modes for sim in sims]
+    kwargs = {} if sims == ["auto"] else None  # an ecmt without simulation modes (a baseline) takes none
     first: dict[str, float] = {}
+
+    def run(p: str, sim: str) -> None:
+        ecmt.simulate(snns[p], x, T=T, **({"mode": sim} if kwargs is None else kwargs))
+
     with torch.no_grad():
         model(x)  # warm-up (and one-time initialisation of the kernels)
-        for p, mode, key in keys:  # warm-up; the first fused call compiles the step functions
+        for p, mode, sim, key in keys:  # warm-up; the first fused call compiles the step functions
             set_fusion(mode)
-            first[key] = timed(lambda: ecmt.simulate(snns[p], x, T=T))
+            first[key] = timed(lambda: run(p, sim))
         ann, step = [], {key: [] for *_, key in keys}
         for r in range(rounds):
             ann.append(timed(lambda: model(x)))
-            for p, mode, key in keys:
+            for p, mode, sim, key in keys:
                 set_fusion(mode)
-                step[key].append(timed(lambda: ecmt.simulate(snns[p], x, T=T)) / T)
+                step[key].append(timed(lambda: run(p, sim)) / T)
             print(f"  {model_name} b{batch} round {r + 1}/{rounds}: ANN {ann[-1]:.3f} s, "
                   + ", ".join(f"step[{k}] {step[k][-1]:.3f} s" for k in step), flush=True)
     modes = list(step)
@@ -69,6 +80,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["auto", "0"],
                    help="fusion modes to time: auto (fused on large tensors), 1 (always), 0 (eager)")
     p.add_argument("--paths", nargs="+", default=["auto"], help="conversion paths: auto, adapter, graph")
+    p.add_argument("--sim", nargs="+", default=["auto"], help="simulation modes: auto, step, multi")
     p.add_argument("--tuned-malloc", action="store_true", help="run with common.TUNED_MALLOC (see there)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -83,7 +95,7 @@ def main() -> None:
     for name in a.model:
         for b in a.batch:
             try:
-                out["results"].append(bench(name, b, a.T, a.rounds, a.modes, a.device, a.paths))
+                out["results"].append(bench(name, b, a.T, a.rounds, a.modes, a.device, a.paths, a.sim))
             except FileNotFoundError as e:
                 print(f"skipping {name}: {e}")
                 out["results"].append({"model": name, "batch": b, "skipped": str(e)})

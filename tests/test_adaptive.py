@@ -153,3 +153,17 @@ def test_cli_reports_adaptive_accuracy_steps_and_energy(checkpoint, folder, tmp_
 def test_bad_adaptive_options_exit_2(checkpoint, folder, capsys, extra, message):  # noqa: F811
     assert cli.main(_evaluate_args(checkpoint, folder, *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_settled_images_leave_the_batch_with_the_same_counts(tiny):
+    """With compaction the stop steps and predictions are those of the full simulation, bit for bit."""
+    model, snn, x, y = tiny
+    T = 8
+    early = 0
+    for rule in (StopRule(1, 0.5), StopRule(0, 0.0), StopRule(2, 0.9)):
+        full = evaluate_batch(model, snn, x, y, T, rule)
+        compact = evaluate_batch(model, snn, x, y, T, rule, compact=True)
+        assert (compact.adaptive_stops, compact.adaptive_correct) == (full.adaptive_stops, full.adaptive_correct)
+        assert compact.snn_correct[-1] == compact.adaptive_correct  # each image answers at its stop step
+        early += sum(full.adaptive_stops[:-1])
+    assert early > 0  # images stopped early, and left

@@ -11,6 +11,7 @@ import ecmt
 from ecmt.compensation import ExpectationCompensation, MatMulEC
 from ecmt.graph import SpikingGraph
 from ecmt.registry import main_output
+from ecmt.simulation import _step_bytes
 from graph_families import FAMILIES, HF, VISION, family_model
 
 STRUCTURE = {  # (MT neurons, EC modules, matrix-product EC modules) of each small configuration
@@ -66,7 +67,10 @@ def test_family_converts_and_converges(key):
     assert sorted(name for name, _ in snn.neurons()) == sorted(th)
     with torch.no_grad():
         ref = main_output(model(**x) if isinstance(x, dict) else model(x)).float()
-    out = ecmt.simulate(snn, x, 128)
+    out = ecmt.simulate(snn, x, 128)  # multi-step mode: chunks of steps through each layer
+    # step mode gives the same outputs bit for bit, and so do chunks of 3 steps
+    assert torch.equal(out[:10], ecmt.simulate(snn, x, 10, mode="step"))
+    assert torch.equal(out[:10], ecmt.simulate(snn, x, 10, memory=3 * _step_bytes(snn, out[0], x)))
     errors = [relative_error(out[T - 1], ref, x) for T in (8, 32, 128)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05, errors
     after = model.state_dict()  # the ANN is untouched, and holds no spiking module
@@ -87,6 +91,7 @@ def test_graph_path_equals_adapter_path(key):
     for path in ("adapter", "graph"):
         snn = ecmt.convert(model, ecmt.calibrate(model, [x], path=path), path=path)
         outs.append(ecmt.simulate(snn, x, 8))
+        assert torch.equal(outs[-1], ecmt.simulate(snn, x, 8, mode="step"))  # multi-step mode on both paths
     torch.testing.assert_close(outs[0][:4], outs[1][:4], rtol=1e-4, atol=1e-4)
 
 

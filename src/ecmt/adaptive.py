@@ -15,7 +15,9 @@ Stopping is decided inside one simulation of T steps (:class:`StopTracker` follo
 running outputs step by step), so the adaptive result and the fixed-T results come from the
 same spikes. This is exact, not an approximation of stopping the simulation: the inputs of a
 batch do not interact, so an input's outputs up to its stop step are the same whether or not
-it is simulated further.
+it is simulated further. To save the compute, the settled inputs can leave the batch
+(:meth:`ecmt.simulation.Simulation.keep`, ``compact=True`` in :func:`ecmt.evaluation.evaluate`):
+the stop steps and predictions stay the same, bit for bit.
 
 Energy (:func:`mean_energy`): an input stopped at step t costs the cumulative energy of
 steps 1..t. The mean over inputs is computed exactly from the number of inputs stopping at
@@ -113,6 +115,11 @@ class StopTracker:
         now = settled & (self._stop == 0)
         self._stop[now] = self.t
         self._stop_pred[now] = pred[now]
+
+    @property
+    def settled(self) -> Tensor:
+        """``[B]`` bool: the inputs that have stopped (before any step: none)."""
+        return torch.zeros(0, dtype=torch.bool) if self._stop is None else self._stop != 0
 
     def result(self) -> tuple[Tensor, Tensor]:
         """Per input, the stop step in 1..t and the top-1 class there; unsettled inputs stop at t.

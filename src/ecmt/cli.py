@@ -54,13 +54,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import __version__, distributed, simulation
 from .adaptive import StopRule, mean_energy
 from .calibration import ActivationStats, collect_statistics
 from .conversion import SpikingModel, convert
 from .data import DATASETS, DOWNLOAD_DIR, EvalData, open_dataset
 from .energy import energy_report, ops_report, theoretical_ops
-from .errors import ConversionError, UnsupportedModelError
+from .errors import ConversionError, InvalidInputError, UnsupportedModelError
 from .evaluation import Tally, evaluate, images_only, loader, seed_everything, subset
 from .models import REFERENCE_MODELS, ModelBundle, load_model, model_names
 from .neurons import MAX_LEVELS, RULES, SpikeRule
@@ -182,6 +182,9 @@ def _common(threads: Optional[int] = None) -> argparse.ArgumentParser:
                         "on a machine busy with other work)")
     p.add_argument("--workers", type=_non_negative_int, default=0, metavar="N",
                    help="data loading processes (default: 0, in the main process)")
+    p.add_argument("--memory", type=_memory, default=None, metavar="SIZE",
+                   help="memory for the temporaries of a chunk of time steps simulated at once (ecmt.simulate), "
+                        "e.g. 512M or 8G (default: 2G on CPU, half the free memory on CUDA)")
     p.add_argument("--data-root", metavar="DIR", help="directory holding the Fashion-MNIST/MNIST IDX files")
     p.add_argument("--download", action="store_true",
                    help="fetch Fashion-MNIST/MNIST with torchvision into ~/.cache/ecmt when its IDX files are "
@@ -646,7 +649,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             measure_batches=args.energy_batches, stop_rule=stop_rule, workers=args.workers,
                             start=resumed, path=None if out is None else out / PROGRESS_FILE,
                             info={"calibration": calibration}, progress=_progress(),
-                            top5=_has_top5(setup), log=_progress_log())
+                            top5=_has_top5(setup), compact=stop_rule is not None, log=_progress_log())
     if not ctx.is_main:
         return 0
     tally, measurement = done.tally, done.measurement
@@ -1292,6 +1295,13 @@ def run_sweep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def _memory(text: str) -> int:
+    try:
+        return simulation.parse_memory(text)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _warn_long(args: argparse.Namespace) -> None:
     """Warn when T x batch size makes every batch so long that the run may take hours."""
     T, batch = getattr(args, "T", None), getattr(args, "batch_size", None)
@@ -1319,6 +1329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu")
         if getattr(args, "threads", None) is not None:
             torch.set_num_threads(args.threads)
+        simulation.set_memory(getattr(args, "memory", None))
         handler: Callable[[argparse.Namespace], int] = args.func
         if distributed.launched() and handler is not run_evaluate:
             raise UsageError(f"'ecmt {args.command}' runs in one process; under torchrun use 'ecmt evaluate'")

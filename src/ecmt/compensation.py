@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .fusion import flat, fusable
+from .fusion import flat, fusable, scan
 from .state import Stateful
 
 
@@ -65,6 +65,32 @@ def rescale(product: Tensor, prev: Tensor, t: int, dtype: torch.dtype) -> Tensor
     return out
 
 
+@fusable
+def mean_scan(xs: Tensor, t: int, s: Tensor) -> Tensor:
+    """:func:`accumulate_mean` over the steps ``t, t+1, ...`` of ``xs`` (``[steps, *s.shape]``): the
+    running means, stacked."""
+    return torch.stack([accumulate_mean.eager(s, x, t + k) for k, x in enumerate(xs.unbind(0))])
+
+
+@fusable
+def sum_scan(xs: Tensor, t: int, s: Tensor) -> Tensor:
+    """The running sums ``S(t), S(t+1), ...`` of ``xs`` (``[steps, *s.shape]``), stacked; ``s`` ends
+    as the last (``t`` is unused)."""
+    return torch.stack([s.add_(x).clone() for x in xs.unbind(0)])
+
+
+@fusable
+def compensate_scan(fs: Tensor, t: int, prev: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`compensate` over the steps ``t, t+1, ...`` of ``fs`` (``[steps, *prev.shape]``), stacked."""
+    return torch.stack([compensate.eager(f, prev, t + k, dtype) for k, f in enumerate(fs.unbind(0))])
+
+
+@fusable
+def rescale_scan(products: Tensor, t: int, prev: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`rescale` over the steps ``t, t+1, ...`` of ``products`` (``[steps, *prev.shape]``), stacked."""
+    return torch.stack([rescale.eager(p, prev, t + k, dtype) for k, p in enumerate(products.unbind(0))])
+
+
 class ExpectationCompensation(Stateful):
     """General EC module wrapping any function F (Eq. 15), of one or more inputs.
 
@@ -89,6 +115,7 @@ class ExpectationCompensation(Stateful):
     """
 
     _state = {"t": 0, "s": None, "prev": None}
+    multi_step = True
 
     def __init__(self, fn: nn.Module, arity: int = 1) -> None:
         super().__init__()
@@ -99,6 +126,8 @@ class ExpectationCompensation(Stateful):
         self.mean_inputs = [False] * arity  # per input, for arity > 1
 
     def forward(self, *args, **kwargs) -> Tensor:
+        if self.steps > 1:
+            return self._chunk_forward(*args, **kwargs)
         self.t += 1
         x = args[0]
         if self.arity > 1:
@@ -118,6 +147,26 @@ class ExpectationCompensation(Stateful):
             self.prev = f_mean.contiguous()  # updated in place from now on: the output is a copy
             return f_mean.to(x.dtype, copy=True)  # O(1) = F(S(1)) exactly
         return compensate(*flat(f_mean, self.prev), self.t, x.dtype, numel=f_mean.numel()).view(f_mean.shape)
+
+    def _chunk_forward(self, *args, **kwargs) -> Tensor:
+        """A chunk of steps (see :mod:`ecmt.state`): the running means of all its steps, F once
+        on all of them, then Eq. 15 per step, in the arithmetic of one step at a time."""
+        t, x = self.t + 1, args[0]  # the chunk's first step (a chunk follows a first single step)
+        self.t += self.steps
+        if self.arity > 1:
+            sums = self.s if self.s is not None else [None] * self.arity
+            means = [x_i.float() if s is None else self._chunk_means(x_i, t, s) for x_i, s in zip(args, sums)]
+            f_mean = self.fn(*means, *args[self.arity:], **kwargs)
+        else:
+            mean = x.float() if self.mean_input else self._chunk_means(x, t, self.s)
+            f_mean = self.fn(mean, *args[1:], **kwargs)
+        if self.mean_output:
+            return f_mean
+        fs = self.chunk(f_mean, self.prev)
+        return scan(compensate_scan, fs, t, self.prev, x.dtype).view(f_mean.shape)
+
+    def _chunk_means(self, x: Tensor, t: int, s: Tensor) -> Tensor:
+        return scan(mean_scan, self.chunk(x, s), t, s).view(x.shape)  # S(t)/t of every step, time-major
 
     def _means(self, xs: tuple) -> list[Tensor]:
         """The running mean of every input (Eq. 15 for n-ary F: one running sum per input)."""
@@ -155,6 +204,7 @@ class MatMulEC(Stateful):
     """
 
     _state = {"t": 0, "sa": None, "sb": None, "prev": None}
+    multi_step = True
 
     def __init__(self, key_axis: Optional[int] = None) -> None:
         super().__init__()
@@ -162,6 +212,8 @@ class MatMulEC(Stateful):
         self.key_axis = key_axis  # attention products: the axis of b that runs over key positions (ecmt.kvcache)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.steps > 1:
+            return self._chunk_forward(a, b)
         self.t += 1
         if self.t == 1:  # the state is owned by the module and updated in place from now on
             self.sa, self.sb = _accumulator(a), _accumulator(b)
@@ -176,6 +228,19 @@ class MatMulEC(Stateful):
             return product.div_(self.t * self.t)  # Theorem 4.2: Σ_t O(t) / T = S_A(T)·S_B(T) / T²
         return rescale(*flat(product, self.prev), self.t, a.dtype, numel=product.numel()).view(product.shape)
 
+    def _chunk_forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """A chunk of steps: the running sums of every step, then one batched matmul of all of
+        them (Eq. 16 per step in the arithmetic of one step at a time)."""
+        t = self.t + 1
+        self.t += self.steps
+        product = torch.matmul(_chunk_sums(self, a, self.sa), _chunk_sums(self, b, self.sb))  # (steps·B, ..., M, N)
+        if self.mean_output:  # Theorem 4.2, per step
+            ps = product.unflatten(0, (self.steps, -1))
+            for k in range(self.steps):
+                ps[k].div_((t + k) * (t + k))
+            return product
+        return scan(rescale_scan, self.chunk(product, self.prev), t, self.prev, a.dtype).view(product.shape)
+
 
 def _accumulator(x: Tensor) -> Tensor:
     """A float32 copy of a matmul operand, laid out so that matmul uses it without copying.
@@ -186,6 +251,15 @@ def _accumulator(x: Tensor) -> Tensor:
     if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) != 1:
         return x.mT.to(torch.float32, memory_format=torch.contiguous_format, copy=True).mT
     return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+def _chunk_sums(m: Stateful, x: Tensor, s: Tensor) -> Tensor:
+    """The running sums of every step of the chunk ``x``, time-major, in the layout of ``s``
+    (a transposed operand stays transposed, so each step's matmul is the one-step matmul)."""
+    xs = m.chunk(x, s)
+    if s.dim() >= 2 and s.stride(-2) == 1 and s.stride(-1) != 1:  # kᵀ: scan the contiguous kᵀᵀ
+        return scan(sum_scan, xs.mT, 0, s.mT).mT.flatten(0, 1)
+    return scan(sum_scan, xs, 0, s).flatten(0, 1)
 
 
 def eq18_increment(a: Tensor, b: Tensor, sa_prev: Tensor, sb_prev: Tensor) -> Tensor:

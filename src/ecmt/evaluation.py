@@ -33,7 +33,7 @@ from .data import SKIPPED
 from .distributed import resolve_device
 from .energy import Measurement, OpCounter
 from .errors import InvalidInputError
-from .simulation import simulate_steps
+from .simulation import Simulation
 
 
 @dataclass(frozen=True)
@@ -210,12 +210,15 @@ def readable(x: Any, y: Tensor) -> tuple[Any, Tensor, int]:
 
 @torch.no_grad()
 def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tensor, T: int,
-                   stop_rule: Optional[StopRule] = None, top5: bool = False) -> Tally:
+                   stop_rule: Optional[StopRule] = None, top5: bool = False, compact: bool = False) -> Tally:
     """Count the correct classifications of one batch, by the ANN and by the SNN at each t ≤ T.
 
     With ``stop_rule``, also those of the SNN at each image's stop step, decided from the same
     simulation's running outputs, and the number of images stopping at each step; with
-    ``top5``, also the images whose label is among the 5 highest outputs.
+    ``top5``, also the images whose label is among the 5 highest outputs. With ``compact``
+    (and ``stop_rule``), settled images leave the simulation (:meth:`Simulation.keep`), which
+    saves their steps: the adaptive counts are the same, and the count at step t takes each
+    image's output at ``min(t, its stop step)``.
     """
     x, y, skipped = readable(x, y)
     if not y.shape[0]:
@@ -225,13 +228,26 @@ def evaluate_batch(ann: Optional[nn.Module], snn: SpikingModel, x: Any, y: Tenso
     ann_correct = None if ann_out is None else int((ann_out.argmax(-1) == y).sum())
     ann_correct5 = None if ann_out is None or not top5 else _in_top5(ann_out, y)
     tracker = None if stop_rule is None else StopTracker(stop_rule)
+    sim = Simulation(snn, x, T, growing=compact and tracker is not None)
+    compacting = compact and tracker is not None and sim.compacts
     snn_correct, snn_correct5 = [], []
-    for out in simulate_steps(snn, x, T):
+    answer: Optional[Tensor] = None  # (B, C): each image's output at min(t, its stop step)
+    for out in sim:
+        if compacting:
+            live = ~tracker.settled[sim.rows] if answer is not None else slice(None)
+            answer = out.clone() if answer is None else answer.index_copy_(0, sim.rows[live], out[live])
+            out = answer
         snn_correct.append(int((out.argmax(-1) == y).sum()))
         if top5:
             snn_correct5.append(_in_top5(out, y))
         if tracker is not None:
             tracker.update(out)
+            if compacting:
+                sim.keep(~tracker.settled[sim.rows])
+    for _ in range(T - len(snn_correct)):  # every image settled before T
+        snn_correct.append(snn_correct[-1])
+        if top5:
+            snn_correct5.append(snn_correct5[-1])
     n, top5_counts = int(y.shape[0]), tuple(snn_correct5) if top5 else None
     if tracker is None:
         return Tally(n, tuple(snn_correct), ann_correct, snn_correct5=top5_counts, ann_correct5=ann_correct5,
@@ -250,7 +266,7 @@ def _in_top5(out: Tensor, y: Tensor) -> int:
 def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tuple[Any, Tensor]], T: int, *,
              device: torch.device = torch.device("cpu"), measure_batches: int = 0,
              progress: bool = True, desc: str = "evaluating",
-             stop_rule: Optional[StopRule] = None, top5: bool = False,
+             stop_rule: Optional[StopRule] = None, top5: bool = False, compact: bool = False,
              log: Optional[Callable[[str], None]] = None) -> tuple[Tally, Optional[Measurement]]:
     """Evaluate the ANN and the SNN on every batch.
 
@@ -267,6 +283,8 @@ def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tupl
         stop_rule: Also count the SNN's accuracy and steps with adaptive time steps
             (:mod:`ecmt.adaptive`), from the same simulations.
         top5: Also count top-5 classifications (for models of more than 5 classes).
+        compact: With ``stop_rule``, settled images leave the simulation, which saves their
+            steps (see :func:`evaluate_batch`; not in the measured batches, which run to T).
         log: Where to write plain progress lines (:class:`ProgressLog`), for logs that are not
             terminals; None: none.
 
@@ -290,7 +308,7 @@ def evaluate(ann: Optional[nn.Module], snn: SpikingModel, batches: Iterable[tupl
         for i, (x, y) in enumerate(bar):
             if i == measure_batches:
                 measuring.close()  # counting stops: hooks removed, spike counters off
-            tally += evaluate_batch(ann, snn, to_device(x, device), y.to(device), T, stop_rule, top5)
+            tally += evaluate_batch(ann, snn, to_device(x, device), y.to(device), T, stop_rule, top5, compact)
             bar.set_postfix_str(_running(tally), refresh=False)
             if lines is not None:
                 lines.update(i + 1, tally)

@@ -40,6 +40,10 @@ import torch
 MIN_NUMEL = 1 << 16
 """In ``auto`` mode, tensors smaller than this are processed eagerly."""
 
+SCAN_STEPS = 8
+"""Time steps per call of a multi-step scan (:func:`scan`): a fused scan is one kernel unrolled
+over its steps, so this bounds its size (and compile time)."""
+
 RECOMPILE_LIMIT = 64
 """Compiled variants kept per step function (one per rank, layout and F; torch's default is 8).
 
@@ -124,6 +128,16 @@ def flat(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]
     if torch.is_grad_enabled() or not all(t is None or t.is_contiguous() for t in tensors):
         return tensors
     return tuple(None if t is None else t.view(-1).detach() for t in tensors)
+
+
+def scan(fn: Fusable, xs: torch.Tensor, t: int, *args, **kwargs) -> torch.Tensor:
+    """``fn(piece, t_piece, *args)`` over ``xs`` (``[steps, ...]``) in pieces of at most
+    :data:`SCAN_STEPS` steps, concatenated; ``t_piece`` is ``t`` plus the offset of the piece
+    (the number of the piece's first step, for a scan that needs it)."""
+    n = xs.shape[0]
+    pieces = [fn(xs[j:j + SCAN_STEPS], t + j, *args, numel=xs[j:j + SCAN_STEPS].numel(), **kwargs)
+              for j in range(0, n, SCAN_STEPS)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def fusable(fn: Callable) -> Fusable:

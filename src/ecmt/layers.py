@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .compensation import ExpectationCompensation, MatMulEC
+from .fusion import fusable, scan
 from .neurons import MTNeuron
 from .state import Stateful
 
@@ -67,12 +68,30 @@ def fire(neuron: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
     return neuron(x, dtype) if getattr(neuron, "mean_input", False) else neuron(x)
 
 
+GEMM_MIN_ROWS = 16
+"""Rows per step from which a chunk's steps share one GEMM (:meth:`SpikingLinear._per_chunk`)."""
+
+
+@fusable
+def linear_mean(acc: Tensor, g: Tensor, t: int, bias: Optional[Tensor]) -> Tensor:
+    """``Σ_t W·s(t)`` updated in place in ``acc`` by ``g = W·s(T)``; returns ``b + acc/T``."""
+    acc.add_(g)
+    mean = acc / t
+    return mean if bias is None else mean + bias
+
+
+@fusable
+def linear_scan(gs: Tensor, t: int, acc: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """:func:`linear_mean` over the steps ``t, t+1, ...`` of ``gs`` (``[steps, *acc.shape]``), stacked."""
+    return torch.stack([linear_mean.eager(acc, g, t + k, bias) for k, g in enumerate(gs.unbind(0))])
+
+
 class SpikingLinear(Stateful):
     """A Linear layer fed by a spiking site (Alg. 1, line 9: an MT neuron before each Linear).
 
     With ``mean_output`` set (by :func:`link`), it returns the running mean of its outputs,
     ``b + W·(Σ_t s(t))/T`` (the Linear is affine), for a consumer that would otherwise
-    accumulate them; ``Σ_t W·s(t)`` is accumulated by the matrix product itself, in float32.
+    accumulate them; ``Σ_t W·s(t)`` is accumulated in float32 (in a chunk of steps, from one GEMM over all of them).
 
     In a converted graph (:mod:`ecmt.graph`) the site runs as a node of its own, so that one
     site can feed several layers that read the same tensor (q, k and v projections): the
@@ -89,6 +108,7 @@ class SpikingLinear(Stateful):
     """
 
     _state = {"t": 0, "acc": None}
+    multi_step = True
 
     def __init__(self, neuron: Optional[nn.Module], linear: nn.Module, fires: bool = True,
                  site: Optional[nn.Module] = None) -> None:
@@ -111,18 +131,26 @@ class SpikingLinear(Stateful):
     def forward(self, x: Tensor) -> Tensor:
         spikes = fire(self.neuron, x, self.linear.weight.dtype) if self.fires else x
         if not self.mean_output:
-            return self.linear(spikes)
-        self.t += 1
+            return self._per_chunk(self.linear, spikes)
         w, b = self.linear.weight, self.linear.bias
-        s = spikes.reshape(-1, spikes.shape[-1])  # (rows, in)
+        s = spikes.reshape(-1, spikes.shape[-1])  # (rows, in); in a chunk (steps·rows, in)
+        g = self._per_chunk(lambda s: F.linear(s, w), s).float()  # W·s(t): one GEMM for all steps of a chunk
         if self.acc is None:
             self.acc = torch.zeros(s.shape[0], w.shape[0], dtype=torch.float32, device=s.device)  # (rows, out)
-        if w.dtype == torch.float32:
-            self.acc.addmm_(s, w.t())  # Σ_t W·s(t), summed into the GEMM's output
-        else:
-            self.acc.add_(F.linear(s, w))
-        mean = self.acc / self.t if b is None else torch.add(b.float(), self.acc, alpha=1.0 / self.t)
+        t = self.t + 1
+        self.t += self.steps
+        gs = self.chunk(g, self.acc) if self.steps > 1 else g[None]
+        mean = scan(linear_scan, gs, t, self.acc, None if b is None else b.float())
         return mean.view(*spikes.shape[:-1], w.shape[0])
+
+
+    def _per_chunk(self, layer: Callable[[Tensor], Tensor], spikes: Tensor) -> Tensor:
+        """``layer(spikes)``: one GEMM for all steps of a chunk, or one per step where a step has
+        fewer than :data:`GEMM_MIN_ROWS` rows (BLAS computes those in another summation order
+        than as part of a larger product: the result would differ from step mode in the last bit)."""
+        if self.steps == 1 or spikes.numel() // spikes.shape[-1] // self.steps >= GEMM_MIN_ROWS:
+            return layer(spikes)
+        return torch.cat([layer(s) for s in spikes.chunk(self.steps)])
 
 
 class SpikingMlp(nn.Module):

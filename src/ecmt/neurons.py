@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidInputError, ThresholdError
-from .fusion import flat, fusable
+from .fusion import flat, fusable, scan
 from .state import Stateful
 
 MIN_THETA = 1e-30
@@ -119,6 +119,25 @@ def mt_step_mean(w: Tensor, xbar: Tensor, t: int, theta_pos: Tensor, theta_neg: 
     return out
 
 
+@fusable
+def mt_scan(xs: Tensor, t: int, v: Tensor, theta_pos: Tensor, theta_neg: Tensor, inv_pos: Tensor,
+            inv_neg: Tensor, top: float, nearest: bool = False) -> Tensor:
+    """:func:`mt_step` over the steps of ``xs`` (``[steps, *v.shape]``): their outputs, stacked.
+
+    Fused, it is one kernel in which each membrane stays in a register over the steps (``t`` is
+    unused: the steps need no count)."""
+    return torch.stack([mt_step.eager(v, x, theta_pos, theta_neg, inv_pos, inv_neg, top, nearest)
+                        for x in xs.unbind(0)])
+
+
+@fusable
+def mt_scan_mean(xbars: Tensor, t: int, w: Tensor, theta_pos: Tensor, theta_neg: Tensor, inv_pos: Tensor,
+                 inv_neg: Tensor, top: float, dtype: torch.dtype, nearest: bool = False) -> Tensor:
+    """:func:`mt_step_mean` over the steps ``t, t+1, ...`` of ``xbars`` (``[steps, *w.shape]``), stacked."""
+    return torch.stack([mt_step_mean.eager(w, x, t + k, theta_pos, theta_neg, inv_pos, inv_neg, top, dtype, nearest)
+                        for k, x in enumerate(xbars.unbind(0))])
+
+
 class MTNeuron(Stateful):
     """Integrate-and-fire neuron with 2n thresholds and reset by subtraction.
 
@@ -155,6 +174,7 @@ class MTNeuron(Stateful):
     """
 
     _state = {"v": None, "t": 0}
+    multi_step = True
 
     def __init__(self, theta_pos: float, theta_neg: float, levels: int,
                  rule: Union[str, SpikeRule] = SpikeRule.eq25) -> None:
@@ -218,7 +238,8 @@ class MTNeuron(Stateful):
         return torch.cat([self.theta[0] * k, -self.theta[1] * k])
 
     def forward(self, x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """One time step. ``dtype``: that of the spikes when ``mean_input`` is set (else that of ``x``).
+        """One time step (or a chunk of :attr:`steps`, see :mod:`ecmt.state`). ``dtype``: that of
+        the spikes when ``mean_input`` is set (else that of ``x``).
 
         With ``exact`` set, the neuron sends its whole membrane at every step, so nothing is
         left in it (Eq. 21 and 24 with s = m): the limit of infinitely many levels. Its output is
@@ -226,13 +247,31 @@ class MTNeuron(Stateful):
         """
         if self.exact and not self.mean_input:
             return x
+        if self.exact:
+            return self._exact_forward(x, dtype)
+        if self.steps > 1:
+            out = self._chunk_forward(x, dtype)
+        else:
+            out = self._step_forward(x, dtype)
+        if self.record:
+            self._count(out)
+        return out
+
+    def _exact_forward(self, x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        """``exact`` with ``mean_input``: the membrane of each step, sent whole."""
         if self.v is None:
             self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
-        if self.exact:
+        outs = []
+        for xk in (self.chunk(x, self.v).unbind(0) if self.steps > 1 else [x]):
             self.t += 1
-            m = x.float() * self.t + self.v  # Eq. 21, summed over time
+            m = xk.float() * self.t + self.v  # Eq. 21, summed over time
             self.v.sub_(m)  # Eq. 24 with s = m
-            return m.to(dtype or x.dtype)
+            outs.append(m.to(dtype or x.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _step_forward(self, x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        if self.v is None:
+            self.v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # v(0) = 0
         v, xf = (self.v, x) if self.per_channel else flat(self.v, x)  # per channel: thresholds broadcast
         if self.mean_input:
             self.t += 1
@@ -240,10 +279,22 @@ class MTNeuron(Stateful):
                                self._nearest, numel=x.numel())
         else:
             out = mt_step(v, xf, *self._theta_signed, *self._inv_signed, self._top, self._nearest, numel=x.numel())
-        out = out.view(x.shape)
-        if self.record:
-            self._count(out)
-        return out
+        return out.view(x.shape)
+
+    def _chunk_forward(self, x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+        """The steps of a chunk as one scan over time, the same arithmetic as step by step."""
+        xs = self.chunk(x, self.v)  # (steps, *v.shape)
+        v = self.v
+        if xs.is_contiguous():  # one compiled kernel for every shape (per channel: the channels stay last)
+            v = v.view(-1, v.shape[-1]) if self.per_channel else v.view(-1)
+            xs = xs.reshape(self.steps, *v.shape)
+        if self.mean_input:
+            out = scan(mt_scan_mean, xs, self.t + 1, v, *self._theta_signed, *self._inv_signed, self._top,
+                       dtype or x.dtype, self._nearest)
+            self.t += self.steps
+        else:
+            out = scan(mt_scan, xs, 0, v, *self._theta_signed, *self._inv_signed, self._top, self._nearest)
+        return out.view(x.shape)
 
     def _count(self, out: Tensor) -> None:
         """Add this step's spikes to the counters, reading each spike's level from its value."""

@@ -210,7 +210,7 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
                      fingerprint: Mapping[str, Any], ctx: Context = Context(), measure_batches: int = 0,
                      stop_rule: Optional[StopRule] = None, workers: int = 0, start: Optional[Progress] = None,
                      path: Optional[Path] = None, info: Optional[Mapping[str, Any]] = None,
-                     progress: Optional[bool] = True, top5: bool = False,
+                     progress: Optional[bool] = True, top5: bool = False, compact: bool = False,
                      log: Optional[Callable[[str], None]] = None) -> Progress:
     """Evaluate the ANN and the SNN on every batch of ``dataset``, from where ``start`` ended.
 
@@ -234,6 +234,7 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
         info: Saved with the progress (for a fresh start; a resumed run keeps ``start``'s).
         progress: Progress bar on rank 0 (tqdm's ``disable=not progress``; None: on terminals).
         top5: Also count top-5 classifications.
+        compact: Settled images leave the simulation (see :func:`ecmt.evaluation.evaluate`).
         log: Where rank 0 writes plain progress lines (:class:`ecmt.evaluation.ProgressLog`),
             for logs that are not terminals; None: none.
 
@@ -260,7 +261,8 @@ def evaluate_dataset(ann: Optional[nn.Module], snn: SpikingModel, dataset: Datas
         i = first + ctx.rank
         batch = [next(mine)] if i < total else []
         part, measured = evaluate(ann, snn, batch, T, device=ctx.device, progress=False, stop_rule=stop_rule,
-                                  measure_batches=int(bool(batch) and i < measure_batches), top5=top5)
+                                  measure_batches=int(bool(batch) and i < measure_batches), top5=top5,
+                                  compact=compact)
         part = Tally.from_tensor(all_reduce_sum(part.to_tensor().to(ctx.device)).cpu())
         measurement = state.measurement
         if first < measure_batches:
