@@ -384,7 +384,12 @@ def plot_text_fidelity(result: Mapping[str, Any], path: PathLike) -> Path:
     left.axhline(1.0, color="black", linestyle="--", linewidth=1, label="ANN")
     left.set(xlabel="time steps T", ylabel="similarity to the ANN", title=title)
     right.set(xlabel="time steps T", ylabel="1 − similarity", yscale="log", title="distance from the ANN")
-    for ax in (left, right):
+    return _save_steps(fig, (left, right), path)
+
+
+def _save_steps(fig: Figure, axes: tuple, path: PathLike) -> Path:
+    """Integer T ticks, a grid and a legend on each of ``axes``; then save ``fig``."""
+    for ax in axes:
         _integer_steps(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -410,11 +415,7 @@ def plot_perplexity(result: Mapping[str, Any], path: PathLike) -> Path:
     right.plot(steps, values, marker="o", markersize=3, color="C1", label="top-1 agreement")
     right.set(xlabel="time steps T", ylabel="next-token agreement with the ANN (%)", ylim=(0, 100),
               title="agreement with the ANN")
-    for ax in (left, right):
-        _integer_steps(ax)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    return _save(fig, path)
+    return _save_steps(fig, (left, right), path)
 
 
 def plot_error_depth(record: Mapping[str, Any], path: PathLike) -> Path:
