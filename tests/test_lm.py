@@ -180,6 +180,60 @@ def test_cli_convert_then_evaluate_and_generate_the_file(monkeypatch, tmp_path, 
     assert "leading tokens identical" in out and "with a key-value cache" in out
 
 
+def test_cli_tunes_a_language_model_on_its_calibration_texts_only(monkeypatch, tmp_path, capsys, llama):
+    from ecmt import tuning
+
+    model, _ = llama
+    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)
+    monkeypatch.setattr(lm, "load_tokenizer", lambda source: model.tokenizer)
+    seen, real_tune = [], tuning.tune
+
+    def spy(m, batches, **kw):
+        batches = list(batches)
+        seen.extend(tuple(ids[mask.bool()].tolist()) for b in batches
+                    for ids, mask in zip(b["input_ids"], b["attention_mask"]))
+        return real_tune(m, batches, **kw)
+
+    monkeypatch.setattr(tuning, "tune", spy)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(CALIB))
+    file = tmp_path / "tuned.safetensors"
+    assert cli.main(["convert", "--model", "smollm2", "--calib-texts", str(calib), "--tune", "2", "-o", str(file)]) == 0
+    assert "tuned for T = 2" in capsys.readouterr().err
+    allowed = {tuple(model.tokenize([t])["input_ids"][0].tolist()) for t in CALIB}
+    assert seen and set(seen) <= allowed  # tuning saw the calibration texts and nothing else
+    saved = read(file).snn
+    assert saved.thresholds.meta["tuned_T"] == 2 and saved.thresholds.rule.value == "nearest"
+    common = ["--texts", GPL, "--T", "3", "--limit", "2", "--energy-texts", "0", "--max-tokens", "24"]
+    seen.clear()
+    out = tmp_path / "t.json"
+    assert cli.main(["evaluate", "--model", "smollm2", *common, "--tune", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["tuned"]["tuned_T"] == 2 and r["rule"] == "nearest" and set(r["ppl"]) == {"1", "2", "3"}
+    evaluated = {tuple(model.tokenize([t])["input_ids"][0].tolist()) for t in lm.split_texts(
+        lm.prose_sentences(GPL), None, 2)[1]}
+    assert seen and not set(seen) & evaluated  # tuned on the file's first sentences, never on the evaluated ones
+    assert "tuned for T = 2" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--model", "smollm2", *common, "--tune", "2", "--percentile", "90"]) == 2
+    assert "drop --percentile" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--snn", str(file), *common, "--tune", "2"]) == 2
+    assert "--tune" in capsys.readouterr().err
+
+
+def test_cli_analyze_batches_a_language_model_by_eight_texts(monkeypatch, tmp_path, llama):
+    model, snn = llama
+    monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)
+    monkeypatch.setattr(lm, "convert_lm", lambda *a, **k: snn)
+    sizes = []
+    real = lm.next_token_kl
+    monkeypatch.setattr(lm, "next_token_kl", lambda m, texts, T, batch_size: sizes.append(batch_size)
+                        or real(m, texts, T, batch_size))
+    assert cli.main(["analyze", "--model", "smollm2", "--texts", GPL, "--T", "2", "--limit", "2"]) == 0
+    assert cli.main(["analyze", "--model", "smollm2", "--texts", GPL, "--T", "2", "--limit", "2",
+                     "--batch-size", "1"]) == 0
+    assert sizes == [cli.LM_BATCH_SIZE, 1] and cli.LM_BATCH_SIZE == 8
+
+
 def test_cli_analyze_on_a_tiny_model(monkeypatch, tmp_path, capsys, llama):
     model, _ = llama
     monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)

@@ -592,7 +592,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _check_model_name(args.model)
     _resolve_tune(args)
     if lm.is_language_model(args.model) or _is_lm_snn(args.snn):
-        _refuse(args, [*IMAGE_ONLY, "adaptive", "resume", "tune"], "these options are not available for a language model")
+        _refuse(args, [*IMAGE_ONLY, "adaptive", "resume"], "these options are not available for a language model")
         return run_lm_evaluate(args)
     _refuse(args, ["max_tokens"], "--max-tokens is for language models")
     if getattr(args, "texts", None) is not None or is_text_model(args.model) or _is_text_snn(args.snn):
@@ -772,16 +772,18 @@ def run_lm_evaluate(args: argparse.Namespace) -> int:
     _quiet_libraries(args)
     if args.texts is None:
         raise UsageError("--texts FILE is required for a language model (prose, e.g. /usr/share/common-licenses/GPL-3)")
+    if args.tune and args.percentile is not None:
+        raise UsageError("--tune chooses the percentiles itself; drop --percentile")
     given = None if args.calib_texts is None else read_texts(args.calib_texts)
     # an SNN file was calibrated when it was converted: none of the sentences is set apart
     calib, texts = lm.split_texts(lm.prose_sentences(args.texts), [] if args.snn else given, args.limit)
     snn = None
     if args.snn is not None:
-        model, snn = _saved_lm(args, ["levels", "percentile", "rule", "per_channel", "calib_texts"])
+        model, snn = _saved_lm(args, ["levels", "percentile", "rule", "per_channel", "calib_texts", "tune"])
         calibrated = f"calibrated when {args.snn} was converted"
     else:
         model = lm.load_lm(args.model, args.device, max_length=args.max_tokens)
-        calibrated = f"calibrated on {len(calib)} others"
+        calibrated = f"{'tuned for T = %d' % args.tune if args.tune else 'calibrated'} on {len(calib)} others"
     _log(f"ecmt: evaluating {args.snn or args.model} on {len(texts)} sentences of {args.texts}, {calibrated} "
          f"(T = {args.T})")
     with tqdm(total=1, desc="batches", disable=_progress(), file=sys.stderr) as bar:
@@ -793,7 +795,7 @@ def run_lm_evaluate(args: argparse.Namespace) -> int:
                                 percentile=args.percentile or 99.0, batch_size=_lm_batch_size(args), snn=snn,
                                 energy_texts=2 if args.energy_texts is None else args.energy_texts,
                                 rule=None if snn is not None else _rule(args), per_channel=args.per_channel,
-                                progress=progress)
+                                tune=None if snn is not None else args.tune, progress=progress)
     energy = record.pop("energy", None)
     record.update(texts=args.texts, snn_file=args.snn, limit=args.limit, seconds=round(time.perf_counter() - start, 1))
     written = [write_json(record, args.json)] if args.json else []
@@ -862,17 +864,20 @@ def run_lm_convert(args: argparse.Namespace) -> int:
     """``ecmt convert`` on a causal LM: calibrate on texts and save the SNN with its ANN."""
     from .serialization import save
 
-    _refuse(args, [*IMAGE_ONLY, "tune"], "these options are not available for a language model; it is "
-                                         "calibrated on --calib-texts")
+    _refuse(args, IMAGE_ONLY, "these options are not available for a language model; it is "
+                              "calibrated on --calib-texts")
+    if args.tune and args.percentile is not None:
+        raise UsageError("--tune chooses the percentiles itself; drop --percentile")
     seed_everything(args.seed)
     _quiet_libraries(args)
     calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
     model = lm.load_lm(args.model, args.device)
     snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, _lm_batch_size(args),
-                        rule=_rule(args), per_channel=args.per_channel)
+                        rule=_rule(args), per_channel=args.per_channel, tune=args.tune)
     path = save(snn, args.output, ann=model.model)
+    setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
-         f"p = {snn.thresholds.percentile}, rule {snn.thresholds.rule}"
+         f"{setting}, rule {snn.thresholds.rule}"
          f"{', per channel' if args.per_channel else ''}, calibrated on "
          f"{args.calib_texts or 'the first 16 packaged calibration sentences'}")
     return 0
@@ -893,7 +898,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.thresholds is not None:
         _refuse(args, ("percentile", "tune", "per_channel"), "--thresholds gives the thresholds; drop these options")
     if lm.is_language_model(args.model):
-        _refuse(args, [*IMAGE_ONLY, "tune"], "these options are not available for a language model")
+        _refuse(args, IMAGE_ONLY, "these options are not available for a language model")
         loaded = _lm_for_analysis(args)
     elif args.texts is not None or is_text_model(args.model):
         _refuse(args, [*IMAGE_ONLY, "max_tokens"], "these options are for image classifiers or language models, "
@@ -1022,12 +1027,12 @@ def _lm_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dict[
     if args.thresholds is not None:
         snn = _thresholds_file(args, model.model)
     else:
-        snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, args.batch_size, _rule(args),
-                            args.per_channel)
+        snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, _lm_batch_size(args),
+                            _rule(args), args.per_channel, tune=args.tune)
     info = {"task": "language model", "metric": "mean next-token KL(ANN || SNN)", "inputs": "sentences",
             "n_inputs": len(texts), "texts": args.texts, "max_tokens": args.max_tokens,
             "calibration": {"texts": args.calib_texts, "n": len(calib)}}
-    return snn, lm.next_token_kl(model, texts, args.T, args.batch_size), info
+    return snn, lm.next_token_kl(model, texts, args.T, _lm_batch_size(args)), info
 
 
 def _stop_rule(args: argparse.Namespace) -> Optional[StopRule]:

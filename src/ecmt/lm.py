@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .calibration import calibrate
 from .conversion import SpikingModel, convert
 from .errors import DatasetError, InvalidInputError
 from .kvcache import SpikingKVCache
@@ -36,6 +35,7 @@ from .neurons import SpikeRule
 from .serialization import SavedSNN
 from .simulation import simulate, simulate_steps
 from .text import encoder_spec, energy_fields, packaged_texts, spread
+from .tuning import calibrate_or_tune
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -276,12 +276,16 @@ def next_token_kl(lm: LanguageModel, texts: Sequence[str], T: int, batch_size: i
     return error
 
 
-def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: float = 99.0,
-               batch_size: int = 8, rule: Union[str, SpikeRule, None] = None, per_channel: bool = False) -> SpikingModel:
+def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: Optional[float] = 99.0,
+               batch_size: int = 8, rule: Union[str, SpikeRule, None] = None, per_channel: bool = False, *,
+               tune: Optional[int] = None) -> SpikingModel:
     """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path); ``per_channel``:
-    base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`). ``snn.spec``
-    is set, so :func:`ecmt.serialization.save` can write it (with ``ann=lm.model``)."""
-    thresholds = calibrate(lm.model, lm.batches(list(calib_texts), batch_size), percentile, per_channel=per_channel)
+    base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`); ``tune``: search
+    the thresholds for the best logits at this step on ``calib_texts`` only (:func:`ecmt.tune`, rule
+    ``nearest`` unless ``rule`` says otherwise) instead of the ``percentile``. ``snn.spec`` is set, so
+    :func:`ecmt.serialization.save` can write it (with ``ann=lm.model``)."""
+    thresholds = calibrate_or_tune(lm.model, lm.batches(list(calib_texts), batch_size), levels, percentile,
+                                   tune_for=tune, rule=rule, per_channel=per_channel)
     snn = convert(lm.model, thresholds, levels=levels, rule=rule)
     snn.spec = lm_spec(lm)
     return snn
@@ -295,7 +299,7 @@ def perplexity(nll_sum: float, tokens: int) -> float:
 def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[Sequence[str]] = None, T: int = 16,
                 levels: int = 8, percentile: float = 99.0, batch_size: int = 8, *,
                 snn: Optional[SpikingModel] = None, energy_texts: int = 2,
-                rule: Union[str, SpikeRule, None] = None, per_channel: bool = False,
+                rule: Union[str, SpikeRule, None] = None, per_channel: bool = False, tune: Optional[int] = None,
                 progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """Perplexity of the ANN and of its SNN after every step, and next-token agreement.
 
@@ -304,7 +308,8 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         texts: Texts to measure on (never calibrated on).
         calib_texts: Texts to calibrate on; default: the packaged calibration sentences.
         T: Time steps; figures are given after each step 1..T.
-        levels, percentile, rule, per_channel: As for :func:`convert_lm`.
+        levels, percentile, rule, per_channel, tune: As for :func:`convert_lm` (tuning, like
+            calibration, sees ``calib_texts`` only).
         batch_size: Texts per batch.
         snn: An already converted SNN of ``lm.model`` (no calibration).
         energy_texts: Count operations and spikes on this many texts, each alone; 0: off.
@@ -312,14 +317,15 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
 
     Returns:
         ``{"model", "ann_ppl", "ppl": {"1": ...}, "agreement": {"1": ...}, "T", "levels",
-        "percentile", "rule", "n_texts", "n_tokens"}``; with energy counting also
+        "percentile", "rule", "per_channel", "n_texts", "n_tokens", "tuned"}`` (``tuned``: the search's
+        record, ``Thresholds.meta``, or None); with energy counting also
         ``"energy_ratio"``, ``"energy_ratio_full"`` (Eq. 30, per token as per text: a ratio),
         ``"energy_texts"``, ``"firing_rates"`` and ``"energy"`` (:func:`ecmt.energy.energy_report`).
     """
     texts = sorted(texts, key=len)
     if snn is None:
         snn = convert_lm(lm, packaged_texts("calibration")[:16] if calib_texts is None else calib_texts,
-                         levels, percentile, batch_size, rule, per_channel)
+                         levels, percentile, batch_size, rule, per_channel, tune=tune)
     batches = lm.batches(texts, batch_size)
     ann_nll, tokens, per_step = 0.0, 0, torch.zeros(T, 2, dtype=torch.float64)
     for i, batch in enumerate(batches):
@@ -341,6 +347,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         "T": T, "levels": snn.levels, "percentile": snn.thresholds.percentile, "rule": snn.thresholds.rule.value,
         "per_channel": bool(snn.thresholds.per_channel()),
         "n_texts": len(texts), "n_tokens": tokens,
+        "tuned": dict(snn.thresholds.meta) or None,
     }
     if energy_texts > 0:
         record.update(energy_fields(snn, lm.batches(spread(texts, energy_texts), batch_size), T))
@@ -502,6 +509,8 @@ def summary(record: dict[str, Any], steps: Sequence[int]) -> str:
         ppl = record["ppl"][k]
         lines.append(f"{t:>4} {ppl:>10.4f} {100 * (ppl / record['ann_ppl'] - 1):>8.2f}% "
                      f"{100 * record['agreement'][k]:>6.2f}%" + (f" {ratio[k]:>8.3f}" if ratio else ""))
-    lines.append(f"n = {record['levels']}, p = {record['percentile']}, rule {record['rule']}"
+    tuned = record.get("tuned")
+    setting = f"tuned for T = {tuned['tuned_T']}" if tuned else f"p = {record['percentile']}"
+    lines.append(f"n = {record['levels']}, {setting}, rule {record['rule']}"
                  + (", per-channel thresholds" if record.get("per_channel") else ""))
     return "\n".join(lines)

@@ -39,14 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibration import calibrate
 from .conversion import SpikingModel, convert
 from .energy import Measurement, OpCounter, energy_report, theoretical_ops
 from .errors import DatasetError, InvalidInputError
 from .simulation import simulate, simulate_steps
 from .neurons import SpikeRule
 from .thresholds import Override
-from .tuning import tune as tune_thresholds
+from .tuning import calibrate_or_tune
 
 POOLING_MODES = ("mean", "cls")
 
@@ -557,15 +556,8 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
         >>> ecmt.serialization.save(snn, "minilm.snn.safetensors", ann=tm.model)     # doctest: +SKIP
     """
     calib_texts = sorted(packaged_texts("calibration") if calib_texts is None else calib_texts, key=len)
-    batches = tm.batches(calib_texts, batch_size)
-    if tune is not None:
-        if overrides:
-            raise InvalidInputError("threshold overrides cannot be combined with tuning")
-        thresholds = tune_thresholds(tm.model, batches, T=tune, levels=levels, rule=rule or SpikeRule.nearest,
-                                     per_channel=per_channel)
-    else:
-        thresholds = calibrate(tm.model, batches, 99.0 if percentile is None else percentile, overrides,
-                               per_channel=per_channel)
+    thresholds = calibrate_or_tune(tm.model, tm.batches(calib_texts, batch_size), levels, percentile, tune_for=tune,
+                                   rule=rule, per_channel=per_channel, overrides=overrides)
     snn = convert(tm.model, thresholds, levels=levels, rule=rule)
     if tm.source is not None:
         snn.spec = text_spec(tm)

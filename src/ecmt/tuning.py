@@ -48,15 +48,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import registry
-from .calibration import (ActivationStats, BatchMask, bucket_values, collect_statistics, model_input, real_tokens,
-                          to_device)
+from .calibration import (ActivationStats, BatchMask, bucket_values, calibrate, collect_statistics, model_input,
+                          real_tokens, to_device)
 from .conversion import SpikingModel, build_spiking, convert, set_thresholds
 from .fusion import MIN_NUMEL
 from .errors import InvalidInputError
 from .neurons import MTNeuron, SpikeRule, check_levels, check_rule
 from .simulation import simulate_steps
 from .state import reset_net
-from .thresholds import Thresholds
+from .thresholds import Override, Thresholds
 
 REFIT_FACTORS = torch.exp2(torch.arange(-8, 9) / 4.0)
 """The factors a refit tries on each site's thresholds: quarter octaves, up to 4x either way."""
@@ -294,6 +294,24 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
             "percentile_by_site_type": {t: round(sum(v) / len(v), 3) for t, v in by_type.items()},
             "percentile_by_site": by_site, "seconds": round(time.perf_counter() - began, 1)}
     return Thresholds(th.sites, None, meta, rule, th.example)
+
+
+def calibrate_or_tune(model: nn.Module, batches: Iterable[Any], levels: int = 8, percentile: Optional[float] = 99.0,
+                      *, tune_for: Optional[int] = None, rule: Union[str, SpikeRule, None] = None,
+                      per_channel: bool = False, overrides: Optional[Mapping[str, Override]] = None) -> Thresholds:
+    """The base thresholds of a text model from its calibration ``batches``: :func:`tune` for step
+    ``tune_for`` (spike rule ``rule``, default ``nearest``) when it is given, else :func:`ecmt.calibrate`
+    at ``percentile`` (default 99) with ``overrides``. The sentence encoders' and the causal LMs' path.
+
+    Raises:
+        InvalidInputError: ``overrides`` given with ``tune_for``.
+    """
+    if tune_for is None:
+        return calibrate(model, batches, REFERENCE_PERCENTILE if percentile is None else percentile, overrides,
+                         per_channel=per_channel)
+    if overrides:
+        raise InvalidInputError("threshold overrides cannot be combined with tuning")
+    return tune(model, batches, T=tune_for, levels=levels, rule=rule or SpikeRule.nearest, per_channel=per_channel)
 
 
 class _Sampler(nn.Module):
