@@ -267,6 +267,8 @@ def test_tune_replaces_the_percentile_and_is_recorded(checkpoint, folder, tmp_pa
     assert r["percentile"] is None and tuned["tuned_T"] == 2 and tuned["simulations"] <= 20
     assert r["rule"] == "nearest"  # the default rule of --tune
     assert set(tuned["percentile_by_site_type"]) >= {"blocks.*.attn.qkv.neuron", "head.neuron"}
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("ecmt: tuning for T = 2: simulation ")]
+    assert len(lines) == tuned["simulations"]  # stderr is no terminal here: one progress line per simulation
     assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--percentile", "99")) == 2
     assert "--tune" in capsys.readouterr().err
 

@@ -199,7 +199,11 @@ def test_cli_tunes_a_language_model_on_its_calibration_texts_only(monkeypatch, t
     calib.write_text("\n".join(CALIB))
     file = tmp_path / "tuned.safetensors"
     assert cli.main(["convert", "--model", "smollm2", "--calib-texts", str(calib), "--tune", "2", "-o", str(file)]) == 0
-    assert "tuned for T = 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tuned for T = 2" in err
+    progress = [line for line in err.splitlines() if line.startswith("ecmt: tuning for T = 2: simulation ")]
+    assert progress[0].startswith("ecmt: tuning for T = 2: simulation 1 of at most 20, relative error ")
+    assert len(progress) == read(file).snn.thresholds.meta["simulations"]  # one line per simulation
     allowed = {tuple(model.tokenize([t])["input_ids"][0].tolist()) for t in CALIB}
     assert seen and set(seen) <= allowed  # tuning saw the calibration texts and nothing else
     saved = read(file).snn

@@ -148,3 +148,18 @@ def test_refits_start_from_the_lone_neuron_thresholds_and_keep_the_best():
     for bad in ({"refits": -1}, {"samples": 0}, {"samples": 1 << 20}):
         with pytest.raises(ecmt.InvalidInputError, match=next(iter(bad))):
             tune(model, calib, T=4, **bad)
+
+
+def test_the_search_simulates_the_levels_it_is_asked_for():
+    # issue 21 meets its goals with n = 10: the search must tune for that neuron, not the paper's n = 8
+    model, shape = make("class_token")
+    calib = [torch.randn(16, *shape) for _ in range(2)]
+    with torch.no_grad():
+        refs = [model(x) for x in calib]
+    th = tune(model, calib, T=4, levels=10, budget=4)
+    paper = ecmt.calibrate(model, calib, percentile=99.0).with_rule("nearest")
+    assert th.meta["levels"] == 10
+    assert th.meta["reference_error"] == pytest.approx(output_error(model, paper, calib, refs, T=4, levels=10))
+    assert th.meta["relative_sq_error"] == pytest.approx(output_error(model, th, calib, refs, T=4, levels=10))
+    assert th.meta["relative_sq_error"] != pytest.approx(output_error(model, th, calib, refs, T=4, levels=8))
+    assert {n.levels for _, n in ecmt.convert(model, th, levels=10).neurons()} == {10}

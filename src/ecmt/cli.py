@@ -538,7 +538,8 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
     start = time.perf_counter()
     images = _calibration_images(setup, args)
     th = tune(setup.bundle.model.to(setup.device), images_only(loader(images, args.batch_size, args.workers)),
-              T=args.tune, levels=levels, progress=_progress(), rule=_rule(args), per_channel=args.per_channel)
+              T=args.tune, levels=levels, progress=_progress(), rule=_rule(args), per_channel=args.per_channel,
+              log=_progress_log())
     snn = convert(setup.bundle.model, th, levels=levels)
     snn.spec = setup.bundle.spec
     info = {"source": setup.data.calibration_source, "images": len(images),
@@ -561,6 +562,12 @@ def _progress() -> Optional[bool]:
 def _progress_log() -> Optional[Callable[[str], None]]:
     """Plain progress lines where stderr is no terminal (a log file), only in rank 0; else None."""
     return _log if not sys.stderr.isatty() and distributed.is_main() else None
+
+
+def _search_log() -> Optional[Callable[[str], None]]:
+    """One line per simulation of a threshold search (``--tune``), on terminals and in log files
+    alike (a text model's search has no bar), in rank 0 only."""
+    return _log if distributed.is_main() else None
 
 
 def _quiet_libraries(args: argparse.Namespace) -> None:
@@ -734,7 +741,8 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
     record = evaluate_text(model, texts, calib_texts, T=args.T, levels=args.levels or 8,
                            percentile=args.percentile or 99.0, batch_size=args.batch_size, device=args.device,
                            tune=args.tune, snn=snn, energy_texts=args.energy_texts,
-                           rule=None if snn is not None else _rule(args), per_channel=args.per_channel)
+                           rule=None if snn is not None else _rule(args), per_channel=args.per_channel,
+                           search_log=_search_log())
     energy = record.pop("energy", None)
     record.update(snn_file=args.snn, limit=args.limit, seed=args.seed, seconds=round(time.perf_counter() - start, 1))
     try:
@@ -795,7 +803,8 @@ def run_lm_evaluate(args: argparse.Namespace) -> int:
                                 percentile=args.percentile or 99.0, batch_size=_lm_batch_size(args), snn=snn,
                                 energy_texts=2 if args.energy_texts is None else args.energy_texts,
                                 rule=None if snn is not None else _rule(args), per_channel=args.per_channel,
-                                tune=None if snn is not None else args.tune, progress=progress)
+                                tune=None if snn is not None else args.tune, progress=progress,
+                                search_log=_search_log())
     energy = record.pop("energy", None)
     record.update(texts=args.texts, snn_file=args.snn, limit=args.limit, seconds=round(time.perf_counter() - start, 1))
     written = [write_json(record, args.json)] if args.json else []
@@ -852,7 +861,8 @@ def run_text_convert(args: argparse.Namespace) -> int:
     calib_texts = None if args.calib_texts is None else read_texts(args.calib_texts)
     tm = load_text_model(args.model, args.device)
     snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
-                       batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel)
+                       batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel,
+                       search_log=_search_log())
     path = save(snn, args.output, ann=tm.model)
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
@@ -873,7 +883,7 @@ def run_lm_convert(args: argparse.Namespace) -> int:
     calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
     model = lm.load_lm(args.model, args.device)
     snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, _lm_batch_size(args),
-                        rule=_rule(args), per_channel=args.per_channel, tune=args.tune)
+                        rule=_rule(args), per_channel=args.per_channel, tune=args.tune, search_log=_search_log())
     path = save(snn, args.output, ann=model.model)
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
@@ -1009,7 +1019,8 @@ def _text_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dic
         snn = _thresholds_file(args, tm.model)
     else:
         snn = convert_text(tm, calib, args.levels or 8, args.percentile or 99.0, tune=args.tune,
-                           batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel)
+                           batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel,
+                           search_log=_search_log())
     info = {"task": "text", "metric": "1 - mean cosine of the sentence embeddings", "inputs": "sentences",
             "n_inputs": len(texts), "texts": args.texts, "calibration": {"texts": args.calib_texts, "n": len(calib)}}
     return snn, embedding_error(tm, texts, args.T, args.batch_size), info
@@ -1028,7 +1039,7 @@ def _lm_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dict[
         snn = _thresholds_file(args, model.model)
     else:
         snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, _lm_batch_size(args),
-                            _rule(args), args.per_channel, tune=args.tune)
+                            _rule(args), args.per_channel, tune=args.tune, search_log=_search_log())
     info = {"task": "language model", "metric": "mean next-token KL(ANN || SNN)", "inputs": "sentences",
             "n_inputs": len(texts), "texts": args.texts, "max_tokens": args.max_tokens,
             "calibration": {"texts": args.calib_texts, "n": len(calib)}}

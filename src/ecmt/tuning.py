@@ -41,7 +41,7 @@ import math
 import re
 import time
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -163,7 +163,8 @@ def _scaled(base: Thresholds, log2_scale: Mapping[str, float]) -> Thresholds:
 def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, *, budget: int = 20,
          max_batches: Optional[int] = None, progress: bool = False,
          rule: Union[str, SpikeRule] = SpikeRule.nearest, example: Any = None, path: str = "auto",
-         per_channel: bool = False, refits: int = 0, samples: int = 8192) -> Thresholds:
+         per_channel: bool = False, refits: int = 0, samples: int = 8192,
+         log: Optional[Callable[[str], None]] = None) -> Thresholds:
     """Choose base thresholds per site for the best SNN output at step T.
 
     Uses only ``batches`` (calibration data): their activation histograms for the thresholds
@@ -183,6 +184,8 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
             on the channel-scaled histograms of :func:`ecmt.calibration.collect_statistics`).
         refits: Most refits on recorded inputs (step 3 of the module docstring; 0: none).
         samples: Positions recorded per site for the refits (below ``ecmt.fusion.MIN_NUMEL``).
+        log: Called with one plain line after every simulation (for log files, where a bar is not
+            shown): its number, the budget, its error and the best so far.
 
     Returns:
         Thresholds in the form :func:`ecmt.calibrate` returns, for ``ecmt.convert(model, th,
@@ -225,6 +228,9 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
         bar.update(1)
         if err < best[0]:
             best = (err, th)
+        if log is not None:
+            log(f"ecmt: tuning for T = {T}: simulation {len(history)} of at most {budget}, relative error "
+                f"{err:.5g} (best {best[0]:.5g}), {time.perf_counter() - began:.0f} s")
 
     def error(th: Thresholds) -> float:
         """Output error of ``th`` (one simulation)."""
@@ -298,10 +304,12 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
 
 def calibrate_or_tune(model: nn.Module, batches: Iterable[Any], levels: int = 8, percentile: Optional[float] = 99.0,
                       *, tune_for: Optional[int] = None, rule: Union[str, SpikeRule, None] = None,
-                      per_channel: bool = False, overrides: Optional[Mapping[str, Override]] = None) -> Thresholds:
+                      per_channel: bool = False, overrides: Optional[Mapping[str, Override]] = None,
+                      progress: Optional[bool] = False, log: Optional[Callable[[str], None]] = None) -> Thresholds:
     """The base thresholds of a text model from its calibration ``batches``: :func:`tune` for step
     ``tune_for`` (spike rule ``rule``, default ``nearest``) when it is given, else :func:`ecmt.calibrate`
     at ``percentile`` (default 99) with ``overrides``. The sentence encoders' and the causal LMs' path.
+    ``progress`` and ``log`` report the search (see :func:`tune`).
 
     Raises:
         InvalidInputError: ``overrides`` given with ``tune_for``.
@@ -311,7 +319,8 @@ def calibrate_or_tune(model: nn.Module, batches: Iterable[Any], levels: int = 8,
                          per_channel=per_channel)
     if overrides:
         raise InvalidInputError("threshold overrides cannot be combined with tuning")
-    return tune(model, batches, T=tune_for, levels=levels, rule=rule or SpikeRule.nearest, per_channel=per_channel)
+    return tune(model, batches, T=tune_for, levels=levels, rule=rule or SpikeRule.nearest, per_channel=per_channel,
+                progress=progress, log=log)
 
 
 class _Sampler(nn.Module):
