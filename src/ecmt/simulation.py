@@ -36,10 +36,18 @@ is small enough to gain (:data:`AUTO_STATE_LIMIT`), step mode otherwise."""
 DEFAULT_MEMORY = 2 << 30
 """Bytes a chunk's temporaries may take on CPU by default (on CUDA: half the free memory)."""
 
-AUTO_STATE_LIMIT = 32 << 20
-"""In ``auto`` mode, multi-step mode is used while the largest state tensor of one step is at most
-this many bytes; above it the chunk's working set makes it slower than step mode (measured: ViT-S/16
-on CPU, 7.5 MiB attention maps at batch 8: faster, 60 MiB at batch 64: slower)."""
+AUTO_STATE_LIMIT = 4 << 20
+"""In ``auto`` mode on CPU, multi-step mode is used while the largest state tensor of one step is at
+most this many bytes; above it the chunk's working set falls out of the caches and step mode is
+faster. Measured on the idle 2-core machine, 2 threads, T = 8 (``benchmarks/step_cost.py --sim step
+multi``, ``results/step_cost_multistep_quiet*.json``): largest state 0.29 MiB (reference model,
+batch 8): multi-step 2.6x the ANN against 5.9x; 2.3 MiB (ViT-S/16, batch 2): 1.6x against 1.9x;
+2.3 MiB (reference model, batch 64): equal; 4.6 MiB (reference model, batch 128): 3.2x against 2.6x;
+9.2 MiB (ViT-S/16, batch 8): 2.4x against 1.9x. (An L2 cache of 2 MiB per core there.)"""
+
+AUTO_STATE_LIMIT_ACCELERATOR = 32 << 20
+"""The same limit on other devices (CUDA): not yet measured on one (``benchmarks/gpu_check.py``
+times both modes); the CPU's limit before the idle-machine measurement above."""
 
 STEP_BYTES_FACTOR = 8
 """A chunk's temporaries per step, in units of the largest state tensor (measured on ViT-S/16 and
@@ -234,7 +242,8 @@ class Simulation:
         with input_errors(self.x, "the input", InvalidInputError):  # an input that does not fit fails at once
             total = snn(self.x).float()
         yield total / 1
-        if self.multi and self._auto and _largest_state(snn) > AUTO_STATE_LIMIT:
+        limit = AUTO_STATE_LIMIT if total.device.type == "cpu" else AUTO_STATE_LIMIT_ACCELERATOR
+        if self.multi and self._auto and _largest_state(snn) > limit:
             self.multi = False  # one step at a time is faster here (inputs can still leave)
         if self.multi and self.T > 1:
             memory = self.memory or default_memory(total.device)
