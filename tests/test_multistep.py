@@ -132,6 +132,27 @@ def test_inputs_leave_the_batch_and_the_others_are_unchanged(tiny):
     assert rows == [4, 4, 3, 3, 2, 2, 2, 2, 2] and sim.rows.tolist() == [2, 3]
 
 
+def test_a_batch_that_shrinks_under_the_state_limit_switches_to_chunks(tiny, monkeypatch):
+    snn, x = tiny
+    ref = ecmt.simulate(snn, x, 9, mode="step")
+    snn.reset()
+    snn(x)
+    full = simulation._largest_state(snn)  # bytes of the largest state tensor of 4 inputs
+    monkeypatch.setattr(simulation, "AUTO_STATE_LIMIT", full // 2)  # 2 inputs fit under it, 3 do not
+    sim = Simulation(snn, x, 9, growing=True)
+    modes = []
+    for t, out in enumerate(sim, start=1):
+        assert torch.equal(out, ref[t - 1][sim.rows])
+        modes.append((len(sim.rows), sim.multi))
+        if t == 2:
+            sim.keep(torch.tensor([True, False, True, True]))
+        if t == 3:
+            sim.keep(torch.tensor([False, True, True]))
+    assert modes[1:3] == [(4, False), (3, False)]  # one step at a time while the state is large (decided after step 1)
+    assert modes[3:] == [(2, True)] * 6 and sim.chunk > 1  # then chunks of steps: 4-5, 6-9 (growing)
+    assert sim.rows.tolist() == [2, 3]
+
+
 def test_parse_memory():
     assert parse_memory("512M") == 512 << 20 and parse_memory("1.5GiB") == 3 << 29 and parse_memory("4096") == 4096
     for bad in ("0", "lots", "-1G"):

@@ -215,7 +215,8 @@ class Simulation:
         self._auto = mode == "auto"
         self.multi = self._foldable and (mode == "multi" or T > 2)
         """Whether chunks of steps run (in ``auto`` mode decided again after the first step, from
-        the state's size: :data:`AUTO_STATE_LIMIT`)."""
+        the state's size: :data:`AUTO_STATE_LIMIT`, and after inputs have left, when the smaller
+        state may fit under it)."""
         self.memory = memory
         self.rows = torch.arange(_batch_tensor(x).shape[0], device=_batch_tensor(x).device)
         """Indices into the original batch of the inputs still simulated (the rows of each value)."""
@@ -242,24 +243,31 @@ class Simulation:
         with input_errors(self.x, "the input", InvalidInputError):  # an input that does not fit fails at once
             total = snn(self.x).float()
         yield total / 1
-        limit = AUTO_STATE_LIMIT if total.device.type == "cpu" else AUTO_STATE_LIMIT_ACCELERATOR
-        if self.multi and self._auto and _largest_state(snn) > limit:
-            self.multi = False  # one step at a time is faster here (inputs can still leave)
-        if self.multi and self.T > 1:
-            memory = self.memory or default_memory(total.device)
-            self.chunk = max(1, min(self.T - 1, memory // max(1, _step_bytes(snn, total, self.x))))
+        self._choose_chunk(total)
         t, size = 1, 1
         while t < self.T:
             if self._keep is not None:
                 total = self._compact(total)
                 if not total.shape[0]:
                     return
+                if self._auto and not self.multi and self._foldable and self.T - t > 1:
+                    self._choose_chunk(total)  # the smaller batch may now gain from chunks
             steps = min(self.T - t, self.chunk if not self.growing else min(size, self.chunk))
             size *= 2
             outs = _chunk_call(snn, self.x, steps) if steps > 1 else snn(self.x).float()[None]
             for out in outs:
                 t += 1
                 yield total.add_(out) / t
+
+    def _choose_chunk(self, total: Tensor) -> None:
+        """Decide :attr:`multi` (in ``auto`` mode, from the state's size: :data:`AUTO_STATE_LIMIT`)
+        and :attr:`chunk` (under the memory budget), from the state after a step."""
+        if self._auto and self._foldable and self.T > 2:
+            limit = AUTO_STATE_LIMIT if total.device.type == "cpu" else AUTO_STATE_LIMIT_ACCELERATOR
+            self.multi = _largest_state(self.snn) <= limit  # above it one step at a time is faster
+        if self.multi and self.T > 1:
+            memory = self.memory or default_memory(total.device)
+            self.chunk = max(1, min(self.T - 1, memory // max(1, _step_bytes(self.snn, total, self.x))))
 
     def _compact(self, total: Tensor) -> Tensor:
         keep, batch = self._keep, total.shape[0]
