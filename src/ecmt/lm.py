@@ -18,12 +18,14 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -156,6 +158,27 @@ def load_tokenizer(name_or_path: str) -> Any:
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
+@contextmanager
+def _gguf_bar_follows_transformers() -> Iterator[None]:
+    """transformers' GGUF loader draws its "de-quantizing" bar with tqdm itself, whatever
+    ``transformers.utils.logging.disable_progress_bar()`` says (the CLI's default without
+    ``--verbose``): while loading, that bar is drawn only where transformers' bars are enabled."""
+    from transformers.utils import logging as hf_logging
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: nothing to quiet
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_length: int = 64) -> LanguageModel:
     """Load a causal LM by short name (``"smollm2"``), ``.gguf`` file or local HF folder; never downloads.
 
@@ -170,7 +193,8 @@ def load_lm(name_or_path: str, device: Union[str, torch.device] = "cpu", max_len
 
     folder, kwargs = _sources(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    with _gguf_bar_follows_transformers():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     return LanguageModel(tokenizer, model.to(device).eval(), max_length=max_length, source=name_or_path)
 
 
