@@ -273,6 +273,21 @@ def test_tune_replaces_the_percentile_and_is_recorded(checkpoint, folder, tmp_pa
     assert "--tune" in capsys.readouterr().err
 
 
+def test_tune_budget_bounds_the_search(checkpoint, folder, tmp_path, capsys):
+    js = tmp_path / "tuned.json"
+    assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--tune-budget", "2", "--json", str(js),
+                                   "--energy-batches", "0")) == 0
+    tuned = json.loads(js.read_text())["calibration"]["tuned"]
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("ecmt: tuning for T = 2: simulation ")]
+    assert 1 <= tuned["simulations"] <= 2 and len(lines) == tuned["simulations"]
+    assert all(" of at most 2, " in line for line in lines)
+    assert cli.main(_evaluate_args(checkpoint, folder, "--tune-budget", "2")) == 2  # no --tune
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ecmt: error: --tune-budget sets the budget of --tune: add --tune"]
+    assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--tune-budget", "0")) == 2
+    assert "--tune-budget" in capsys.readouterr().err
+
+
 def _analyze_args(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
     return ["analyze", "--model", "ecmt_test_vit", "--checkpoint", str(checkpoint), "--dataset", str(folder),
             "--T", "3", "--batch-size", "8", "--calib-batches", "2", *extra]

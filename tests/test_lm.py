@@ -198,11 +198,13 @@ def test_cli_tunes_a_language_model_on_its_calibration_texts_only(monkeypatch, t
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(CALIB))
     file = tmp_path / "tuned.safetensors"
-    assert cli.main(["convert", "--model", "smollm2", "--calib-texts", str(calib), "--tune", "2", "-o", str(file)]) == 0
+    assert cli.main(["convert", "--model", "smollm2", "--calib-texts", str(calib), "--tune", "2", "--tune-budget", "3",
+                     "-o", str(file)]) == 0
     err = capsys.readouterr().err
     assert "tuned for T = 2" in err
     progress = [line for line in err.splitlines() if line.startswith("ecmt: tuning for T = 2: simulation ")]
-    assert progress[0].startswith("ecmt: tuning for T = 2: simulation 1 of at most 20, relative error ")
+    assert progress[0].startswith("ecmt: tuning for T = 2: simulation 1 of at most 3, relative error ")
+    assert 1 <= len(progress) <= 3  # --tune-budget bounds the search
     assert len(progress) == read(file).snn.thresholds.meta["simulations"]  # one line per simulation
     allowed = {tuple(model.tokenize([t])["input_ids"][0].tolist()) for t in CALIB}
     assert seen and set(seen) <= allowed  # tuning saw the calibration texts and nothing else
@@ -222,6 +224,8 @@ def test_cli_tunes_a_language_model_on_its_calibration_texts_only(monkeypatch, t
     assert "drop --percentile" in capsys.readouterr().err
     assert cli.main(["evaluate", "--snn", str(file), *common, "--tune", "2"]) == 2
     assert "--tune" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", "smollm2", *common, "--tune-budget", "3"]) == 2
+    assert capsys.readouterr().err.strip() == "ecmt: error: --tune-budget sets the budget of --tune: add --tune"
 
 
 def test_cli_analyze_batches_a_language_model_by_eight_texts(monkeypatch, tmp_path, llama):

@@ -163,3 +163,14 @@ def test_the_search_simulates_the_levels_it_is_asked_for():
     assert th.meta["relative_sq_error"] == pytest.approx(output_error(model, th, calib, refs, T=4, levels=10))
     assert th.meta["relative_sq_error"] != pytest.approx(output_error(model, th, calib, refs, T=4, levels=8))
     assert {n.levels for _, n in ecmt.convert(model, th, levels=10).neurons()} == {10}
+
+
+def test_calibrate_or_tune_forwards_the_search_options_and_refuses_others():
+    model, shape = make("class_token")
+    batches = [torch.randn(8, *shape)]
+    th = tuning.calibrate_or_tune(model, batches, tune_for=2, tune_options={"budget": 2})
+    assert th.meta["tuned_T"] == 2 and 1 <= th.meta["simulations"] <= 2
+    with pytest.raises(ecmt.InvalidInputError, match="not an option of the threshold search here: T, speed"):
+        tuning.calibrate_or_tune(model, batches, tune_for=2, tune_options={"speed": 1, "T": 3})
+    with pytest.raises(ecmt.InvalidInputError, match=r"tune options \(budget\) need a threshold search"):
+        tuning.calibrate_or_tune(model, batches, tune_options={"budget": 2})

@@ -226,6 +226,9 @@ def _conversion_options(p: argparse.ArgumentParser, *, evaluated: bool = True) -
                         "calibration data only (ecmt.tune), instead of one percentile; a bare --tune "
                         + (f"tunes for --T when it is at most {TUNE_AUTO_MAX}, else for {TUNE_DEFAULT}" if evaluated
                            else f"tunes for T = {TUNE_DEFAULT}"))
+    p.add_argument("--tune-budget", type=_positive_int, default=None, metavar="N",
+                   help="with --tune: the most simulations of the calibration data the search may run "
+                        "(default: 20; each costs about one simulation of the calibration set to step T)")
     _rule_option(p, tune=True)
     p.add_argument("--per-channel", action="store_true",
                    help="base thresholds per input channel of every Linear layer (scaled by each channel's "
@@ -448,8 +451,23 @@ TEXT_ONLY = ("calib_texts", "energy_texts")
 """Options (dests) that only sentence encoders use."""
 
 
+def _tune_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of the threshold search (``ecmt.tune``) that the command line sets: ``--tune-budget``.
+
+    Raises:
+        UsageError: ``--tune-budget`` without ``--tune``.
+    """
+    budget = getattr(args, "tune_budget", None)
+    if budget is None:
+        return {}
+    if not getattr(args, "tune", None):
+        raise UsageError("--tune-budget sets the budget of --tune: add --tune")
+    return {"budget": budget}
+
+
 def _resolve_tune(args: argparse.Namespace) -> None:
     """A bare ``--tune``: tune for ``--T`` when it is at most 8, else (and without ``--T``) for 4."""
+    _tune_options(args)  # --tune-budget without --tune fails here, before any loading
     if getattr(args, "tune", None) == TUNE_AUTO:
         T = getattr(args, "T", None)
         args.tune = T if T is not None and T <= TUNE_AUTO_MAX else TUNE_DEFAULT
@@ -527,6 +545,7 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
                     ctx: distributed.Context = distributed.Context()) -> tuple[SpikingModel, dict[str, Any]]:
     """Thresholds at one percentile, or searched for the best output at step ``--tune``."""
     levels = args.levels or 8
+    options = _tune_options(args)
     if not args.tune:
         stats, info = _calibrate(setup, args, ctx)
         return _convert(setup, stats, levels, args.percentile or 99.0, _rule(args)), info
@@ -539,7 +558,7 @@ def _calibrated_snn(setup: Setup, args: argparse.Namespace,
     images = _calibration_images(setup, args)
     th = tune(setup.bundle.model.to(setup.device), images_only(loader(images, args.batch_size, args.workers)),
               T=args.tune, levels=levels, progress=_progress(), rule=_rule(args), per_channel=args.per_channel,
-              log=_progress_log())
+              log=_progress_log(), **options)
     snn = convert(setup.bundle.model, th, levels=levels)
     snn.spec = setup.bundle.spec
     info = {"source": setup.data.calibration_source, "images": len(images),
@@ -742,7 +761,7 @@ def run_text_evaluate(args: argparse.Namespace) -> int:
                            percentile=args.percentile or 99.0, batch_size=args.batch_size, device=args.device,
                            tune=args.tune, snn=snn, energy_texts=args.energy_texts,
                            rule=None if snn is not None else _rule(args), per_channel=args.per_channel,
-                           search_log=_search_log())
+                           search_log=_search_log(), tune_options=_tune_options(args))
     energy = record.pop("energy", None)
     record.update(snn_file=args.snn, limit=args.limit, seed=args.seed, seconds=round(time.perf_counter() - start, 1))
     try:
@@ -804,7 +823,7 @@ def run_lm_evaluate(args: argparse.Namespace) -> int:
                                 energy_texts=2 if args.energy_texts is None else args.energy_texts,
                                 rule=None if snn is not None else _rule(args), per_channel=args.per_channel,
                                 tune=None if snn is not None else args.tune, progress=progress,
-                                search_log=_search_log())
+                                search_log=_search_log(), tune_options=_tune_options(args))
     energy = record.pop("energy", None)
     record.update(texts=args.texts, snn_file=args.snn, limit=args.limit, seconds=round(time.perf_counter() - start, 1))
     written = [write_json(record, args.json)] if args.json else []
@@ -862,7 +881,7 @@ def run_text_convert(args: argparse.Namespace) -> int:
     tm = load_text_model(args.model, args.device)
     snn = convert_text(tm, calib_texts, args.levels or 8, args.percentile or 99.0, tune=args.tune,
                        batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel,
-                       search_log=_search_log())
+                       search_log=_search_log(), tune_options=_tune_options(args))
     path = save(snn, args.output, ann=tm.model)
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, {setting}, "
@@ -883,7 +902,8 @@ def run_lm_convert(args: argparse.Namespace) -> int:
     calib = packaged_texts("calibration")[:16] if args.calib_texts is None else read_texts(args.calib_texts)
     model = lm.load_lm(args.model, args.device)
     snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, _lm_batch_size(args),
-                        rule=_rule(args), per_channel=args.per_channel, tune=args.tune, search_log=_search_log())
+                        rule=_rule(args), per_channel=args.per_channel, tune=args.tune, search_log=_search_log(),
+                        tune_options=_tune_options(args))
     path = save(snn, args.output, ann=model.model)
     setting = f"tuned for T = {args.tune}" if args.tune else f"p = {snn.thresholds.percentile}"
     _log(f"ecmt: wrote {path}: {args.model}, {len(snn.thresholds)} MT neuron sites, n = {snn.levels}, "
@@ -1020,7 +1040,7 @@ def _text_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dic
     else:
         snn = convert_text(tm, calib, args.levels or 8, args.percentile or 99.0, tune=args.tune,
                            batch_size=args.batch_size, rule=_rule(args), per_channel=args.per_channel,
-                           search_log=_search_log())
+                           search_log=_search_log(), tune_options=_tune_options(args))
     info = {"task": "text", "metric": "1 - mean cosine of the sentence embeddings", "inputs": "sentences",
             "n_inputs": len(texts), "texts": args.texts, "calibration": {"texts": args.calib_texts, "n": len(calib)}}
     return snn, embedding_error(tm, texts, args.T, args.batch_size), info
@@ -1039,7 +1059,8 @@ def _lm_for_analysis(args: argparse.Namespace) -> tuple[SpikingModel, Any, dict[
         snn = _thresholds_file(args, model.model)
     else:
         snn = lm.convert_lm(model, calib, args.levels or 8, args.percentile or 99.0, _lm_batch_size(args),
-                            _rule(args), args.per_channel, tune=args.tune, search_log=_search_log())
+                            _rule(args), args.per_channel, tune=args.tune, search_log=_search_log(),
+                            tune_options=_tune_options(args))
     info = {"task": "language model", "metric": "mean next-token KL(ANN || SNN)", "inputs": "sentences",
             "n_inputs": len(texts), "texts": args.texts, "max_tokens": args.max_tokens,
             "calibration": {"texts": args.calib_texts, "n": len(calib)}}

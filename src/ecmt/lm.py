@@ -302,15 +302,18 @@ def next_token_kl(lm: LanguageModel, texts: Sequence[str], T: int, batch_size: i
 
 def convert_lm(lm: LanguageModel, calib_texts: Sequence[str], levels: int = 8, percentile: Optional[float] = 99.0,
                batch_size: int = 8, rule: Union[str, SpikeRule, None] = None, per_channel: bool = False, *,
-               tune: Optional[int] = None, search_log: Optional[Callable[[str], None]] = None) -> SpikingModel:
+               tune: Optional[int] = None, search_log: Optional[Callable[[str], None]] = None,
+               tune_options: Optional[Mapping[str, Any]] = None) -> SpikingModel:
     """Calibrate on ``calib_texts`` and convert the whole LM (generic graph path); ``per_channel``:
     base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`); ``tune``: search
     the thresholds for the best logits at this step on ``calib_texts`` only (:func:`ecmt.tune`, rule
     ``nearest`` unless ``rule`` says otherwise) instead of the ``percentile``, with one line per
-    simulation to ``search_log``. ``snn.spec`` is set, so
+    simulation to ``search_log`` and the further options ``tune_options`` of :func:`ecmt.tune` (e.g.
+    ``{"budget": 6}``). ``snn.spec`` is set, so
     :func:`ecmt.serialization.save` can write it (with ``ann=lm.model``)."""
     thresholds = calibrate_or_tune(lm.model, lm.batches(list(calib_texts), batch_size), levels, percentile,
-                                   tune_for=tune, rule=rule, per_channel=per_channel, log=search_log)
+                                   tune_for=tune, rule=rule, per_channel=per_channel, log=search_log,
+                                   tune_options=tune_options)
     snn = convert(lm.model, thresholds, levels=levels, rule=rule)
     snn.spec = lm_spec(lm)
     return snn
@@ -326,7 +329,8 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
                 snn: Optional[SpikingModel] = None, energy_texts: int = 2,
                 rule: Union[str, SpikeRule, None] = None, per_channel: bool = False, tune: Optional[int] = None,
                 progress: Optional[Callable[[int, int], None]] = None,
-                search_log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                search_log: Optional[Callable[[str], None]] = None,
+                tune_options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Perplexity of the ANN and of its SNN after every step, and next-token agreement.
 
     Args:
@@ -334,7 +338,7 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
         texts: Texts to measure on (never calibrated on).
         calib_texts: Texts to calibrate on; default: the packaged calibration sentences.
         T: Time steps; figures are given after each step 1..T.
-        levels, percentile, rule, per_channel, tune, search_log: As for :func:`convert_lm` (tuning, like
+        levels, percentile, rule, per_channel, tune, search_log, tune_options: As for :func:`convert_lm` (tuning, like
             calibration, sees ``calib_texts`` only).
         batch_size: Texts per batch.
         snn: An already converted SNN of ``lm.model`` (no calibration).
@@ -351,7 +355,8 @@ def evaluate_lm(lm: LanguageModel, texts: Sequence[str], calib_texts: Optional[S
     texts = sorted(texts, key=len)
     if snn is None:
         snn = convert_lm(lm, packaged_texts("calibration")[:16] if calib_texts is None else calib_texts,
-                         levels, percentile, batch_size, rule, per_channel, tune=tune, search_log=search_log)
+                         levels, percentile, batch_size, rule, per_channel, tune=tune, search_log=search_log,
+                         tune_options=tune_options)
     batches = lm.batches(texts, batch_size)
     ann_nll, tokens, per_step = 0.0, 0, torch.zeros(T, 2, dtype=torch.float64)
     for i, batch in enumerate(batches):

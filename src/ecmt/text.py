@@ -536,7 +536,8 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
                  percentile: Optional[float] = 99.0, *, tune: Optional[int] = None, batch_size: int = 32,
                  overrides: Optional[Mapping[str, Override]] = None,
                  rule: Union[str, SpikeRule, None] = None, per_channel: bool = False,
-                 search_log: Optional[Callable[[str], None]] = None) -> SpikingModel:
+                 search_log: Optional[Callable[[str], None]] = None,
+                 tune_options: Optional[Mapping[str, Any]] = None) -> SpikingModel:
     """Calibrate (or tune) and convert a sentence encoder; ``snn.spec`` is set for saving.
 
     Args:
@@ -552,6 +553,7 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
             tuning, ``eq25`` (the paper's) otherwise.
         per_channel: Base thresholds per input channel of every Linear (see :func:`ecmt.calibrate`).
         search_log: With ``tune``, called with one line per simulation of the search.
+        tune_options: With ``tune``, further keyword arguments of :func:`ecmt.tune` (``budget``, ...).
 
     Example:
         >>> snn = convert_text(load_text_model("minilm"), tune=4)                     # doctest: +SKIP
@@ -559,7 +561,8 @@ def convert_text(tm: TextModel, calib_texts: Optional[Sequence[str]] = None, lev
     """
     calib_texts = sorted(packaged_texts("calibration") if calib_texts is None else calib_texts, key=len)
     thresholds = calibrate_or_tune(tm.model, tm.batches(calib_texts, batch_size), levels, percentile, tune_for=tune,
-                                   rule=rule, per_channel=per_channel, overrides=overrides, log=search_log)
+                                   rule=rule, per_channel=per_channel, overrides=overrides, log=search_log,
+                                   tune_options=tune_options)
     snn = convert(tm.model, thresholds, levels=levels, rule=rule)
     if tm.source is not None:
         snn.spec = text_spec(tm)
@@ -573,7 +576,8 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
                   device: Union[str, torch.device] = "cpu", *, tune: Optional[int] = None,
                   snn: Optional[SpikingModel] = None, energy_texts: int = 32,
                   rule: Union[str, SpikeRule, None] = None, per_channel: bool = False,
-                  search_log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                  search_log: Optional[Callable[[str], None]] = None,
+                  tune_options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Calibrate, convert and simulate a sentence encoder; compare its embeddings to the ANN's.
 
     Args:
@@ -593,6 +597,7 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         energy_texts: Count operations and spikes on this many of the sentences, evenly
             spread over their lengths, each simulated alone (:func:`measure_text`); 0: off.
         rule: The MT neurons' spike rule (see :func:`convert_text`; ignored with ``snn``).
+        per_channel, search_log, tune_options: As for :func:`convert_text`.
 
     Returns:
         ``{"model", "cosine": {"1": ..., ..., str(T): ...}, "rank_agreement": {...},
@@ -618,7 +623,8 @@ def evaluate_text(model: Union[str, TextModel], texts: Optional[Sequence[str]] =
         raise InvalidInputError(f"need at least 2 texts to measure on, got {len(texts)}")
     if snn is None:
         snn = convert_text(tm, calib_texts, levels, percentile, tune=tune, batch_size=batch_size,
-                           overrides=overrides, rule=rule, per_channel=per_channel, search_log=search_log)
+                           overrides=overrides, rule=rule, per_channel=per_channel, search_log=search_log,
+                           tune_options=tune_options)
     ann_emb = tm.encode(texts, batch_size)
     snn_emb = tm.encode_spiking(snn, texts, T, batch_size)
 

@@ -37,6 +37,7 @@ better of the two on both models measured (README, "Spike rule" and "Threshold s
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import time
@@ -305,22 +306,34 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
 def calibrate_or_tune(model: nn.Module, batches: Iterable[Any], levels: int = 8, percentile: Optional[float] = 99.0,
                       *, tune_for: Optional[int] = None, rule: Union[str, SpikeRule, None] = None,
                       per_channel: bool = False, overrides: Optional[Mapping[str, Override]] = None,
-                      progress: Optional[bool] = False, log: Optional[Callable[[str], None]] = None) -> Thresholds:
+                      progress: Optional[bool] = False, log: Optional[Callable[[str], None]] = None,
+                      tune_options: Optional[Mapping[str, Any]] = None) -> Thresholds:
     """The base thresholds of a text model from its calibration ``batches``: :func:`tune` for step
     ``tune_for`` (spike rule ``rule``, default ``nearest``) when it is given, else :func:`ecmt.calibrate`
     at ``percentile`` (default 99) with ``overrides``. The sentence encoders' and the causal LMs' path.
-    ``progress`` and ``log`` report the search (see :func:`tune`).
+    ``progress`` and ``log`` report the search; ``tune_options``: further keyword arguments of
+    :func:`tune` (``budget``, ``refits``, ...).
 
     Raises:
-        InvalidInputError: ``overrides`` given with ``tune_for``.
+        InvalidInputError: ``overrides`` given with ``tune_for``; ``tune_options`` without
+            ``tune_for``, or naming an argument set here or one that :func:`tune` does not take.
     """
+    options = dict(tune_options or {})
     if tune_for is None:
+        if options:
+            raise InvalidInputError(f"tune options ({', '.join(options)}) need a threshold search (tune_for)")
         return calibrate(model, batches, REFERENCE_PERCENTILE if percentile is None else percentile, overrides,
                          per_channel=per_channel)
     if overrides:
         raise InvalidInputError("threshold overrides cannot be combined with tuning")
+    own = {"model", "batches", "T", "levels", "rule", "per_channel", "progress", "log"}
+    params = inspect.signature(tune).parameters  # (a wrapper taking **kwargs takes anything)
+    takes = set(params) if all(p.kind != p.VAR_KEYWORD for p in params.values()) else set(options) - own
+    unknown = sorted(set(options) - (takes - own))
+    if unknown:
+        raise InvalidInputError(f"not an option of the threshold search here: {', '.join(unknown)}")
     return tune(model, batches, T=tune_for, levels=levels, rule=rule or SpikeRule.nearest, per_channel=per_channel,
-                progress=progress, log=log)
+                progress=progress, log=log, **options)
 
 
 class _Sampler(nn.Module):
