@@ -288,6 +288,21 @@ def test_tune_budget_bounds_the_search(checkpoint, folder, tmp_path, capsys):
     assert "--tune-budget" in capsys.readouterr().err
 
 
+def test_tune_headroom_reaches_the_search(checkpoint, folder, tmp_path, capsys):
+    js = tmp_path / "tuned.json"
+    assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--tune-budget", "2", "--tune-headroom", "4",
+                                   "--levels", "10", "--json", str(js), "--energy-batches", "0")) == 0
+    assert json.loads(js.read_text())["calibration"]["tuned"]["headroom"] == 4.0
+    capsys.readouterr()
+    assert cli.main(_evaluate_args(checkpoint, folder, "--tune-headroom", "4")) == 2  # no --tune
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ecmt: error: --tune-headroom sets the headroom of --tune: add --tune"]
+    for bad in ("0.5", "nan", "x"):
+        assert cli.main(_evaluate_args(checkpoint, folder, "--tune", "2", "--tune-headroom", bad)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--tune-headroom" in err[0], err
+
+
 def _analyze_args(checkpoint: Path, folder: Path, *extra: str) -> list[str]:
     return ["analyze", "--model", "ecmt_test_vit", "--checkpoint", str(checkpoint), "--dataset", str(folder),
             "--T", "3", "--batch-size", "8", "--calib-batches", "2", *extra]

@@ -174,3 +174,69 @@ def test_calibrate_or_tune_forwards_the_search_options_and_refuses_others():
         tuning.calibrate_or_tune(model, batches, tune_for=2, tune_options={"speed": 1, "T": 3})
     with pytest.raises(ecmt.InvalidInputError, match=r"tune options \(budget\) need a threshold search"):
         tuning.calibrate_or_tune(model, batches, tune_options={"budget": 2})
+
+
+def _site_inputs(snn, batches):
+    """The input of every MT neuron on ``batches`` with every site exact: the ANN's activations."""
+    from ecmt.analysis import exact_sites
+    seen = {}
+
+    def keep(name):
+        return lambda neuron, args, out: seen.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    handles = [n.register_forward_hook(keep(name)) for name, n in snn.neurons()]
+    try:
+        with exact_sites(snn, lambda n: True), torch.no_grad():
+            for x in batches:
+                ecmt.simulate(snn, x, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(xs) for name, xs in seen.items()}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_headroom_keeps_every_top_threshold_above_the_calibration_maxima(per_channel):
+    model, shape = make("class_token")
+    calib = [torch.randn(16, *shape) for _ in range(2)]
+    h, levels = 4.0, 10
+    th = tune(model, calib, T=4, levels=levels, budget=6, headroom=h, per_channel=per_channel)
+    assert th.meta["headroom"] == h and th.meta["simulations"] == 6
+    snn = ecmt.convert(model, th, levels=levels)
+    inputs = _site_inputs(snn, calib)
+    assert inputs and (not per_channel or any(n.per_channel for _, n in snn.neurons()))
+    for name, neuron in snn.neurons():
+        x = inputs[name]
+        dims = (0,) if neuron.per_channel else None
+        for side, values in ((0, x.clamp_min(0)), (1, (-x).clamp_min(0))):
+            largest = values.amax(*([dims] if dims else []))
+            top = neuron.theta[side] * 2.0 ** (levels - 1)  # Eq. 19: the largest threshold
+            on = neuron.theta[side] > 0  # a disabled side (θ = 0) has no values of its sign
+            # the histogram's buckets are 2**-8 wide (relative): the maximum is known to 1 %
+            assert bool((top[on] >= 0.99 * h * largest[on]).all() if top.dim() else (not on or top >= 0.99 * h * largest)), name
+    th1 = tune(model, calib, T=4, levels=levels, budget=6, per_channel=per_channel)
+    assert th1.meta["headroom"] == 1.0 and th1.sites != th.sites
+
+
+def test_headroom_passes_on_held_out_inputs_beyond_the_calibration_range():
+    # per channel, few calibration inputs: held-out inputs 3x larger saturate neurons whose top
+    # threshold sits at the calibration maximum; their error stops falling with T
+    torch.manual_seed(0)
+    model, shape = make("class_token")
+    calib = [torch.randn(16, *shape)]
+    held_out = [3 * torch.randn(16, *shape)]
+    with torch.no_grad():
+        refs = [model(x) for x in held_out]
+    errors = {}
+    for h in (1.0, 8.0):
+        th = tune(model, calib, T=16, levels=12, budget=4, per_channel=True, headroom=h)
+        errors[h] = [output_error(model, th, held_out, refs, T=T, levels=12) for T in (16, 64)]
+    assert errors[8.0][1] < 0.5 * errors[1.0][1]
+    assert errors[8.0][1] < 0.5 * errors[8.0][0]  # with headroom the error falls with T
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), True, "2"])
+def test_headroom_must_be_a_number_of_at_least_one(bad):
+    model, shape = make("class_token")
+    with pytest.raises(ecmt.InvalidInputError, match="headroom must be a number >= 1"):
+        tune(model, [torch.randn(4, *shape)], T=2, headroom=bad)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
+import math
 import os
 import sys
 import time
@@ -149,6 +150,16 @@ def _percentile(text: str) -> float:
     return value
 
 
+def _headroom(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -229,6 +240,10 @@ def _conversion_options(p: argparse.ArgumentParser, *, evaluated: bool = True) -
     p.add_argument("--tune-budget", type=_positive_int, default=None, metavar="N",
                    help="with --tune: the most simulations of the calibration data the search may run "
                         "(default: 20; each costs about one simulation of the calibration set to step T)")
+    p.add_argument("--tune-headroom", type=_headroom, default=None, metavar="H",
+                   help="with --tune: keep every top threshold at least H times the largest calibration value "
+                        "(per channel with --per-channel), so that larger inputs still pass (default: 1; with "
+                        "few calibration texts and --per-channel, e.g. 16 with --levels 12)")
     _rule_option(p, tune=True)
     p.add_argument("--per-channel", action="store_true",
                    help="base thresholds per input channel of every Linear layer (scaled by each channel's "
@@ -452,22 +467,27 @@ TEXT_ONLY = ("calib_texts", "energy_texts")
 
 
 def _tune_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options of the threshold search (``ecmt.tune``) that the command line sets: ``--tune-budget``.
+    """The options of the threshold search (``ecmt.tune``) that the command line sets:
+    ``--tune-budget`` and ``--tune-headroom``.
 
     Raises:
-        UsageError: ``--tune-budget`` without ``--tune``.
+        UsageError: One of them without ``--tune``.
     """
-    budget = getattr(args, "tune_budget", None)
-    if budget is None:
-        return {}
-    if not getattr(args, "tune", None):
-        raise UsageError("--tune-budget sets the budget of --tune: add --tune")
-    return {"budget": budget}
+    options = {}
+    for flag, dest, key, what in (("--tune-budget", "tune_budget", "budget", "the budget"),
+                                  ("--tune-headroom", "tune_headroom", "headroom", "the headroom")):
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if not getattr(args, "tune", None):
+            raise UsageError(f"{flag} sets {what} of --tune: add --tune")
+        options[key] = value
+    return options
 
 
 def _resolve_tune(args: argparse.Namespace) -> None:
     """A bare ``--tune``: tune for ``--T`` when it is at most 8, else (and without ``--T``) for 4."""
-    _tune_options(args)  # --tune-budget without --tune fails here, before any loading
+    _tune_options(args)  # --tune-budget or --tune-headroom without --tune fails here, before any loading
     if getattr(args, "tune", None) == TUNE_AUTO:
         T = getattr(args, "T", None)
         args.tune = T if T is not None and T <= TUNE_AUTO_MAX else TUNE_DEFAULT

@@ -42,6 +42,7 @@ import math
 import re
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -160,11 +161,50 @@ def _scaled(base: Thresholds, log2_scale: Mapping[str, float]) -> Thresholds:
     return base.scaled({name: 2.0 ** log2_scale[name] for name in base})
 
 
+def headroom_floor(stats: ActivationStats, levels: int, headroom: float) -> Thresholds:
+    """The smallest base thresholds whose top threshold ``θ·2**(n−1)`` (Eq. 19) is ``headroom``
+    times the largest calibration value of each side of each site (of each channel, per channel).
+
+    An MT neuron passes on at most ``θ·2**(n−1)`` per step (Eq. 22-23): an input whose T-step
+    mean lies beyond it leaves an error that no longer falls with T. A search that fits the
+    calibration inputs alone puts the top threshold at their largest value, with nothing to
+    spare for the larger values of other inputs: per channel, 8 sentences of SmolLM2 give
+    channel maxima that the next 8 exceed up to 27x (README, "Measured on SmolLM2").
+    """
+    sites = {}
+    for name, counts in stats.counts.items():
+        values, _ = bucket_values(counts)
+        pair = []
+        for side in (values > 0, values < 0):
+            v = values[side].abs()
+            pair.append(float(v.max()) * headroom / 2.0 ** (levels - 1) if v.numel() else 0.0)
+        sites[name] = tuple(pair)
+    return stats.apply_scales(Thresholds(sites, example=stats.example))
+
+
+def _at_least(th: Thresholds, floor: Optional[Thresholds]) -> Thresholds:
+    """``th`` with every threshold raised to ``floor``'s where it is below it (a side disabled in
+    ``th``, θ = 0, stays disabled)."""
+    if floor is None:
+        return th
+
+    def up(v: Any, f: Any) -> Any:
+        if isinstance(v, tuple) or isinstance(f, tuple):
+            vs = v if isinstance(v, tuple) else (v,) * len(f)
+            fs = f if isinstance(f, tuple) else (f,) * len(vs)
+            return tuple(x if x <= 0 else max(x, y) for x, y in zip(vs, fs))
+        return v if v <= 0 else max(v, f)
+
+    sites = {n: (up(a, floor.sites[n][0]), up(b, floor.sites[n][1])) if n in floor.sites else (a, b)
+             for n, (a, b) in th.sites.items()}
+    return replace(th, sites=sites)
+
+
 @torch.no_grad()
 def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, *, budget: int = 20,
          max_batches: Optional[int] = None, progress: bool = False,
          rule: Union[str, SpikeRule] = SpikeRule.nearest, example: Any = None, path: str = "auto",
-         per_channel: bool = False, refits: int = 0, samples: int = 8192,
+         per_channel: bool = False, refits: int = 0, samples: int = 8192, headroom: float = 1.0,
          log: Optional[Callable[[str], None]] = None) -> Thresholds:
     """Choose base thresholds per site for the best SNN output at step T.
 
@@ -185,6 +225,13 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
             on the channel-scaled histograms of :func:`ecmt.calibration.collect_statistics`).
         refits: Most refits on recorded inputs (step 3 of the module docstring; 0: none).
         samples: Positions recorded per site for the refits (below ``ecmt.fusion.MIN_NUMEL``).
+        headroom: The top threshold ``θ·2**(n−1)`` of every site searched is at least this
+            many times the largest calibration value of its side (per channel, of its channel;
+            :func:`headroom_floor`), so that inputs larger than the calibration's can still be
+            passed on. 1 (the default) only keeps the calibration values in range; with few
+            calibration inputs and per-channel thresholds, use more, with more ``levels`` so
+            that the smallest threshold stays fine (SmolLM2: ``levels=12, headroom=16``). The
+            paper's thresholds, the reference, are measured as they are.
         log: Called with one plain line after every simulation (for log files, where a bar is not
             shown): its number, the budget, its error and the best so far.
 
@@ -210,6 +257,10 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
         raise InvalidInputError(f"refits must be a non-negative integer, got {refits!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples < MIN_NUMEL:
         raise InvalidInputError(f"samples must be an integer in 1..{MIN_NUMEL - 1} (positions per site), got {samples!r}")
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not math.isfinite(headroom) \
+            or headroom < 1:
+        raise InvalidInputError(f"headroom must be a number >= 1 (top threshold over the largest calibration "
+                                f"value), got {headroom!r}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = [to_device(model_input(b), device) for b, _ in zip(batches, range(max_batches or 1 << 62))]
     stats = collect_statistics(model, inputs, example=example, path=path, per_channel=per_channel)
@@ -235,15 +286,18 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
 
     def error(th: Thresholds) -> float:
         """Output error of ``th`` (one simulation)."""
+        th = _at_least(th, floor)
         if not snns:  # converted once; every later simulation only changes the thresholds
             snns.append(convert(model, th, levels, example=example, path=path))
         err = output_error(model, th, inputs, refs, T, levels, snns[0])
         note(err, th)
         return err
 
+    floor = None
     error(best[1])  # 1. the paper's thresholds
     reference_error = history[0]
-    start = stats.apply_scales(lone_neuron_thresholds(stats, T, levels, rule=rule))  # 2. no simulation
+    floor = headroom_floor(stats, levels, headroom) if headroom > 1 else None
+    start = _at_least(stats.apply_scales(lone_neuron_thresholds(stats, T, levels, rule=rule)), floor)  # 2.
     refined, refined_err, refit_errors = start, math.inf, []
     samplers = sample_sites(model, inputs, samples, example=example, path=path) if refits else {}
     for _ in range(min(refits, budget - len(history))):  # 3. refits on the recorded inputs
@@ -256,7 +310,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
         if err >= refined_err:
             break
         refined, refined_err = start, err
-        start = refit(start, samplers, seqs, levels, REFIT_FACTORS)
+        start = _at_least(refit(start, samplers, seqs, levels, REFIT_FACTORS), floor)
     start = refined
     types = list(dict.fromkeys(site_type(n) for n in start))
     best_shift, best_err = {t: 0.0 for t in types}, refined_err  # log2 of each site type's factor on ``start``
@@ -294,7 +348,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     by_type: dict[str, list[float]] = defaultdict(list)
     for name, p in by_site.items():
         by_type[site_type(name)].append(p)
-    meta = {"tuned_T": T, "levels": levels, "relative_sq_error": final_error, "simulations": len(history),
+    meta = {"tuned_T": T, "levels": levels, "headroom": headroom, "relative_sq_error": final_error, "simulations": len(history),
             "reference_percentile": REFERENCE_PERCENTILE, "reference_error": reference_error, "errors": history,
             "refit_errors": refit_errors,
             "factor_by_site_type": {t: 2.0 ** v for t, v in best_shift.items()},

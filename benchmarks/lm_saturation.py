@@ -1,0 +1,100 @@
+"""Saturated MT neurons in SmolLM2 (issue 17): which sites receive T-step mean inputs beyond
+their largest threshold, on the calibration sentences and on the held-out ones.
+
+An MT neuron sends at most one spike of at most ``θ·2**(n-1)`` per step (Eq. 22-23), so an
+input whose T-step mean exceeds that top threshold cannot be passed on: the excess stays in
+the membrane and the site's error no longer falls as 1/T. Thresholds fitted to a few
+calibration sentences (per channel: the channel's largest calibration value) can sit below
+what held-out sentences bring. This script counts, per site, the elements whose T-step mean
+input lies beyond the top threshold (``saturated``), and the part of the site's squared
+residual membrane (``Σ_t I − Σ_t s``, Eq. 24 summed over time) that those elements hold.
+
+    python benchmarks/lm_saturation.py results/smollm2_gpl3_tune16_nearest_pc.thresholds.json 16
+
+The sentences are lm_tune.py's: calibration the first 8 GPL-3 prose sentences, held out the
+9th to 16th (32 tokens each). One thread. Writes ``results/<thresholds name>_saturation_T<T>.json``.
+"""
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import ecmt
+from ecmt import lm
+from ecmt.tuning import site_type
+
+path, T = Path(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+m = lm.load_lm("smollm2", max_length=32)
+calib, texts = lm.split_texts(lm.prose_sentences("/usr/share/common-licenses/GPL-3"), None, 8, calib_max=8)
+th = ecmt.Thresholds.from_json(path.read_text())
+levels = int(th.meta.get("levels", 8)) if isinstance(th.meta, dict) else 8
+snn = ecmt.convert(m.model, th, levels=levels)
+
+
+def measure(sentences):
+    """Per site: elements, saturated elements, squared residual in all and in the saturated ones."""
+    sums = {}
+    out = defaultdict(lambda: [0, 0, 0.0, 0.0])
+
+    def post(name):
+        def hook(neuron, args, spikes):
+            x = args[0].float()
+            inp, s = sums.get(name, (None, None))
+            inp = x * neuron.t if neuron.mean_input else (x.clone() if inp is None else inp.add_(x))
+            s = spikes.float().clone() if s is None else s.add_(spikes.float())
+            sums[name] = (inp, s)
+        return hook
+
+    handles = [n.register_forward_hook(post(name)) for name, n in snn.neurons()]
+    try:
+        for batch in m.batches(sentences, 8):
+            sums.clear()
+            with torch.no_grad():
+                ecmt.simulate(snn, batch, T, reduce=lambda y: y.new_zeros(()), mode="step")
+            keep = batch["attention_mask"].bool()
+            for name, neuron in snn.neurons():
+                inp, s = sums[name]
+                top = neuron.theta.float() * 2.0 ** (neuron.levels - 1)  # Eq. 19: the largest threshold per side
+                pos, neg = (top[0], top[1])
+                mean = inp / T
+                sat = (mean > pos) | (mean < -neg)
+                r2 = (inp - s).double().pow(2)
+                if inp.dim() >= 3 and inp.shape[:2] == keep.shape:  # [B, L, ...]: real tokens only
+                    mask = keep.reshape(*keep.shape, *([1] * (inp.dim() - 2))).expand_as(inp)
+                elif inp.dim() >= 3 and inp.shape[0] == keep.shape[0]:  # [B, heads, L, ...]
+                    mask = torch.ones_like(inp, dtype=torch.bool)
+                else:
+                    mask = torch.ones_like(inp, dtype=torch.bool)
+                o = out[name]
+                o[0] += int(mask.sum())
+                o[1] += int((sat & mask).sum())
+                o[2] += float(r2[mask].sum())
+                o[3] += float(r2[sat & mask].sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: {"elements": a, "saturated": b, "saturated_fraction": b / max(a, 1),
+                   "residual_share_saturated": d / c if c > 0 else 0.0} for name, (a, b, c, d) in out.items()}
+
+
+record = {"thresholds": path.name, "T": T, "levels": levels}
+for label, sentences in (("calibration", calib), ("held_out", texts)):
+    sites = measure(sentences)
+    by_type = defaultdict(lambda: [0, 0])
+    for name, e in sites.items():
+        by_type[site_type(name)][0] += e["elements"]
+        by_type[site_type(name)][1] += e["saturated"]
+    worst = sorted(sites.items(), key=lambda kv: -kv[1]["saturated_fraction"])[:10]
+    record[label] = {"saturated_fraction": sum(e["saturated"] for e in sites.values())
+                     / max(sum(e["elements"] for e in sites.values()), 1),
+                     "by_site_type": {t: b / max(a, 1) for t, (a, b) in by_type.items()},
+                     "worst_sites": dict(worst), "sites": sites}
+    print(label, json.dumps({"saturated_fraction": record[label]["saturated_fraction"],
+                             "by_site_type": record[label]["by_site_type"],
+                             "worst": {k: (v["saturated_fraction"], v["residual_share_saturated"]) for k, v in worst}},
+                            indent=1))
+name = path.name.replace(".thresholds.json", "") + f"_saturation_T{T}.json"
+(Path(__file__).resolve().parent / "results" / name).write_text(json.dumps(record, indent=1) + "\n")
