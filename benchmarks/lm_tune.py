@@ -16,7 +16,7 @@ One thread.
 
 The evaluated sentences are the same 9th to 16th in every setting (``heldN``: and more).
 
-Writes ``results/smollm2_gpl3_tune<T>_<options>.json`` and the thresholds found, ``....thresholds.json``.
+Writes ``results/smollm2_gpl3_tune<T>_<rule>_<options>.json`` (``b<budget>`` among them unless 6) and the thresholds found, ``....thresholds.json``.
 """
 import json
 import re
@@ -51,6 +51,7 @@ if len(calib) < n_calib or len(texts) < n_held:
     sys.exit(f"lm_tune.py: only {len(calib)} calibration and {len(texts)} held-out sentences")
 # the thresholds file of the same search (without the evaluation options): reuse it, no search
 searched = [e for e in extra if not re.fullmatch(r"e\d+|held\d+|reuse", e)]
+searched += [f"b{budget}"] if budget != 6 else []  # (6, the README's budget, is not named)
 results = Path(__file__).resolve().parent / "results"
 saved = results / ("_".join(["smollm2_gpl3_tune%d" % T, rule, *searched]) + ".thresholds.json")
 t0 = time.time()
@@ -63,7 +64,7 @@ tune_s = time.time() - t0
 r = lm.evaluate_lm(m, texts, T=T_eval, snn=ecmt.convert(m.model, th, levels=levels), energy_texts=0)
 r.update(tune_s=None if "reuse" in extra else round(tune_s, 1), n_calib=len(calib), n_held_out=len(texts), tuned={k: v for k, v in th.meta.items() if k != "percentile_by_site"}, extra=extra)
 print(json.dumps({k: r[k] for k in ("ann_ppl", "ppl", "agreement", "tune_s")}))
-name = "_".join(["smollm2_gpl3_tune%d" % T, rule, *extra])
+name = "_".join(["smollm2_gpl3_tune%d" % T, rule, *searched, *(e for e in extra if e not in searched)])
 (results / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
 if "reuse" not in extra:
     saved.write_text(th.to_json())  # for lm_saturation.py and reuse

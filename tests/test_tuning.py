@@ -240,3 +240,14 @@ def test_headroom_must_be_a_number_of_at_least_one(bad):
     model, shape = make("class_token")
     with pytest.raises(ecmt.InvalidInputError, match="headroom must be a number >= 1"):
         tune(model, [torch.randn(4, *shape)], T=2, headroom=bad)
+
+
+def test_the_search_spends_no_simulation_on_thresholds_raised_to_the_floor_it_has_measured(monkeypatch):
+    model, shape = make("class_token")
+    calib = [torch.randn(16, *shape)]
+    simulated = []
+    real = tuning.output_error
+    monkeypatch.setattr(tuning, "output_error", lambda m, th, *a, **k: simulated.append(th.sites) or real(m, th, *a, **k))
+    th = tune(model, calib, T=4, levels=8, budget=12, headroom=64.0)  # the floor binds at most sites
+    assert len(simulated) == th.meta["simulations"] == len(th.meta["errors"])
+    assert all(a != b for i, a in enumerate(simulated) for b in simulated[:i])

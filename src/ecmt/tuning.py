@@ -320,7 +320,11 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
         nonlocal best_shift, best_err
         if len(history) >= budget:
             return False
-        err = error(_scaled(start, {n: shift[site_type(n)] for n in start}))
+        candidate = _scaled(start, {n: shift[site_type(n)] for n in start})
+        if floor is not None and best_err < math.inf and _at_least(candidate, floor).sites == _at_least(
+                _scaled(start, {n: best_shift[site_type(n)] for n in start}), floor).sites:
+            return False  # below the headroom floor: the same thresholds as the best, no simulation
+        err = error(candidate)
         if err >= best_err:
             return False
         best_shift, best_err = dict(shift), err
