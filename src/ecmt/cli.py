@@ -243,7 +243,7 @@ def _conversion_options(p: argparse.ArgumentParser, *, evaluated: bool = True) -
     p.add_argument("--tune-headroom", type=_headroom, default=None, metavar="H",
                    help="with --tune: keep every top threshold at least H times the largest calibration value "
                         "(per channel with --per-channel), so that larger inputs still pass (default: 1; with "
-                        "few calibration texts and --per-channel, e.g. 16 with --levels 12)")
+                        "few calibration texts and --per-channel, e.g. 32 with --levels 14)")
     _rule_option(p, tune=True)
     p.add_argument("--per-channel", action="store_true",
                    help="base thresholds per input channel of every Linear layer (scaled by each channel's "

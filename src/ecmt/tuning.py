@@ -27,7 +27,10 @@ Search (at most ``budget`` SNN simulations of the calibration set, each T steps 
    stop when the budget is spent or a full pass brings no improvement.
 
 Every simulation measures the relative output error (:func:`output_error`); the thresholds
-with the lowest win, the paper's included.
+with the lowest win, the paper's included. With ``headroom`` above 1, every threshold of steps
+2–4 is raised to a floor that puts the site's top threshold at ``headroom`` times its largest
+calibration value (:func:`headroom_floor`); a candidate that the floor makes equal to the best
+is not simulated.
 
 The search is made for one spike rule of the MT neurons (``rule``, recorded in the returned
 thresholds). Its default is ``"nearest"`` (spike on the threshold nearest to the membrane, see
@@ -230,7 +233,7 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
             :func:`headroom_floor`), so that inputs larger than the calibration's can still be
             passed on. 1 (the default) only keeps the calibration values in range; with few
             calibration inputs and per-channel thresholds, use more, with more ``levels`` so
-            that the smallest threshold stays fine (SmolLM2: ``levels=12, headroom=16``). The
+            that the smallest threshold stays fine (SmolLM2: ``levels=14, headroom=32``). The
             paper's thresholds, the reference, are measured as they are.
         log: Called with one plain line after every simulation (for log files, where a bar is not
             shown): its number, the budget, its error and the best so far.
