@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 m = lm.load_lm("smollm2", max_length=32)
 calib, texts = lm.split_texts(lm.prose_sentences("/usr/share/common-licenses/GPL-3"), None, 8, calib_max=8)
 th = ecmt.Thresholds.from_json(path.read_text())
-levels = int(th.meta.get("levels", 8)) if isinstance(th.meta, dict) else 8
+levels = int(th.meta.get("levels", 8))  # the search records its n
 snn = ecmt.convert(m.model, th, levels=levels)
 
 
@@ -58,15 +58,12 @@ def measure(sentences):
             for name, neuron in snn.neurons():
                 inp, s = sums[name]
                 top = neuron.theta.float() * 2.0 ** (neuron.levels - 1)  # Eq. 19: the largest threshold per side
-                pos, neg = (top[0], top[1])
                 mean = inp / T
-                sat = (mean > pos) | (mean < -neg)
+                sat = (mean > top[0]) | (mean < -top[1])
                 r2 = (inp - s).double().pow(2)
                 if inp.dim() >= 3 and inp.shape[:2] == keep.shape:  # [B, L, ...]: real tokens only
                     mask = keep.reshape(*keep.shape, *([1] * (inp.dim() - 2))).expand_as(inp)
-                elif inp.dim() >= 3 and inp.shape[0] == keep.shape[0]:  # [B, heads, L, ...]
-                    mask = torch.ones_like(inp, dtype=torch.bool)
-                else:
+                else:  # the attention operands, [B, heads, ...]: every element
                     mask = torch.ones_like(inp, dtype=torch.bool)
                 o = out[name]
                 o[0] += int(mask.sum())
