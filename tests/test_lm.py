@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,12 +158,18 @@ def test_saved_snn_simulates_bit_identically(tiny, tmp_path):
     assert saved.snn.thresholds.per_channel() == snn.thresholds.per_channel()
 
 
-def test_cli_convert_then_evaluate_and_generate_the_file(monkeypatch, tmp_path, capsys, llama):
-    model, _ = llama
+def _tiny_lm_cli(monkeypatch, tmp_path, model) -> Path:
+    """``--model smollm2`` loads the tiny model; returns a file of calibration texts."""
     monkeypatch.setattr(lm, "load_lm", lambda *a, **k: model)
     monkeypatch.setattr(lm, "load_tokenizer", lambda source: model.tokenizer)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(CALIB))
+    return calib
+
+
+def test_cli_convert_then_evaluate_and_generate_the_file(monkeypatch, tmp_path, capsys, llama):
+    model, _ = llama
+    calib = _tiny_lm_cli(monkeypatch, tmp_path, model)
     file = tmp_path / "tiny.safetensors"
     assert cli.main(["convert", "--model", "smollm2", "--calib-texts", str(calib), "--per-channel",
                      "-o", str(file)]) == 0
@@ -226,6 +233,25 @@ def test_cli_tunes_a_language_model_on_its_calibration_texts_only(monkeypatch, t
     assert "--tune" in capsys.readouterr().err
     assert cli.main(["evaluate", "--model", "smollm2", *common, "--tune-budget", "3"]) == 2
     assert capsys.readouterr().err.strip() == "ecmt: error: --tune-budget sets the budget of --tune: add --tune"
+
+
+def test_cli_searches_a_language_model_per_channel_with_headroom_and_more_levels_by_default(monkeypatch, tmp_path,
+                                                                                            capsys, llama):
+    model, _ = llama
+    calib = _tiny_lm_cli(monkeypatch, tmp_path, model)
+    file = tmp_path / "tuned.safetensors"
+    base = ["convert", "--model", "smollm2", "--calib-texts", str(calib), "-o", str(file)]
+    for extra, levels, headroom in ((["--tune", "2", "--per-channel"], cli.LM_PER_CHANNEL_SEARCH["levels"],
+                                     cli.LM_PER_CHANNEL_SEARCH["headroom"]),
+                                    (["--tune", "2", "--per-channel", "--levels", "6", "--tune-headroom", "2"], 6, 2.0),
+                                    (["--tune", "2"], 8, 1.0)):  # per tensor: the defaults of every model
+        assert cli.main([*base, *extra, "--tune-budget", "2"]) == 0, extra
+        saved = read(file).snn
+        assert (saved.levels, saved.thresholds.meta["headroom"]) == (levels, headroom), extra
+        assert {n.levels for _, n in saved.neurons()} == {levels}
+    assert cli.main([*base, "--per-channel"]) == 0  # calibrated, not searched: n = 8
+    assert read(file).snn.levels == 8 and not read(file).snn.thresholds.meta
+    capsys.readouterr()
 
 
 def test_cli_analyze_batches_a_language_model_by_eight_texts(monkeypatch, tmp_path, llama):
