@@ -23,6 +23,7 @@ import torch
 
 import ecmt
 from ecmt import lm
+from ecmt.analysis import _Residuals
 from ecmt.tuning import site_type
 
 path, T = Path(sys.argv[1]), int(sys.argv[2])
@@ -34,47 +35,49 @@ levels = int(th.meta.get("levels", 8))  # the search records its n
 snn = ecmt.convert(m.model, th, levels=levels)
 
 
+class Saturation(_Residuals):
+    """ecmt.analysis's sums of every neuron's inputs and spikes over a simulation, read per
+    element at the end of each batch: which T-step means lie beyond the top threshold."""
+
+    def __init__(self, snn):
+        super().__init__(snn)
+        self.neurons = dict(snn.neurons())
+        self.keep = None  # the batch's attention mask
+        self.out = defaultdict(lambda: [0, 0, 0.0, 0.0])  # elements, saturated, residual², theirs
+
+    def _flush(self, name):
+        inp, spikes = self.totals.get(name, (None, None))
+        if inp is not None:
+            neuron, keep = self.neurons[name], self.keep
+            top = neuron.theta.float() * 2.0 ** (neuron.levels - 1)  # Eq. 19: the largest threshold per side
+            sat = (inp / T > top[0]) | (inp / T < -top[1])
+            r2 = (inp - spikes).double().pow(2)
+            if inp.dim() >= 3 and inp.shape[:2] == keep.shape:  # [B, L, ...]: real tokens only
+                mask = keep.reshape(*keep.shape, *([1] * (inp.dim() - 2))).expand_as(inp)
+            else:  # the attention operands, [B, heads, ...]: every element
+                mask = torch.ones_like(inp, dtype=torch.bool)
+            o = self.out[name]
+            o[0] += int(mask.sum())
+            o[1] += int((sat & mask).sum())
+            o[2] += float(r2[mask].sum())
+            o[3] += float(r2[sat & mask].sum())
+        super()._flush(name)
+
+
 def measure(sentences):
     """Per site: elements, saturated elements, squared residual in all and in the saturated ones."""
-    sums = {}
-    out = defaultdict(lambda: [0, 0, 0.0, 0.0])
-
-    def post(name):
-        def hook(neuron, args, spikes):
-            x = args[0].float()
-            inp, s = sums.get(name, (None, None))
-            inp = x * neuron.t if neuron.mean_input else (x.clone() if inp is None else inp.add_(x))
-            s = spikes.float().clone() if s is None else s.add_(spikes.float())
-            sums[name] = (inp, s)
-        return hook
-
-    handles = [n.register_forward_hook(post(name)) for name, n in snn.neurons()]
+    hooks = Saturation(snn)
     try:
         for batch in m.batches(sentences, 8):
-            sums.clear()
             with torch.no_grad():
                 ecmt.simulate(snn, batch, T, reduce=lambda y: y.new_zeros(()), mode="step")
-            keep = batch["attention_mask"].bool()
-            for name, neuron in snn.neurons():
-                inp, s = sums[name]
-                top = neuron.theta.float() * 2.0 ** (neuron.levels - 1)  # Eq. 19: the largest threshold per side
-                mean = inp / T
-                sat = (mean > top[0]) | (mean < -top[1])
-                r2 = (inp - s).double().pow(2)
-                if inp.dim() >= 3 and inp.shape[:2] == keep.shape:  # [B, L, ...]: real tokens only
-                    mask = keep.reshape(*keep.shape, *([1] * (inp.dim() - 2))).expand_as(inp)
-                else:  # the attention operands, [B, heads, ...]: every element
-                    mask = torch.ones_like(inp, dtype=torch.bool)
-                o = out[name]
-                o[0] += int(mask.sum())
-                o[1] += int((sat & mask).sum())
-                o[2] += float(r2[mask].sum())
-                o[3] += float(r2[sat & mask].sum())
+            hooks.keep = batch["attention_mask"].bool()
+            for name in list(hooks.totals):
+                hooks._flush(name)
     finally:
-        for h in handles:
-            h.remove()
+        hooks.close()
     return {name: {"elements": a, "saturated": b, "saturated_fraction": b / max(a, 1),
-                   "residual_share_saturated": d / c if c > 0 else 0.0} for name, (a, b, c, d) in out.items()}
+                   "residual_share_saturated": d / c if c > 0 else 0.0} for name, (a, b, c, d) in hooks.out.items()}
 
 
 record = {"thresholds": path.name, "T": T, "levels": levels}

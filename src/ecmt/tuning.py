@@ -289,14 +289,12 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
 
     def error(th: Thresholds) -> float:
         """Output error of ``th`` (one simulation)."""
-        th = _at_least(th, floor)
         if not snns:  # converted once; every later simulation only changes the thresholds
             snns.append(convert(model, th, levels, example=example, path=path))
         err = output_error(model, th, inputs, refs, T, levels, snns[0])
         note(err, th)
         return err
 
-    floor = None
     error(best[1])  # 1. the paper's thresholds
     reference_error = history[0]
     floor = headroom_floor(stats, levels, headroom) if headroom > 1 else None
@@ -317,20 +315,20 @@ def tune(model: nn.Module, batches: Iterable[Any], T: int = 4, levels: int = 8, 
     start = refined
     types = list(dict.fromkeys(site_type(n) for n in start))
     best_shift, best_err = {t: 0.0 for t in types}, refined_err  # log2 of each site type's factor on ``start``
+    best_sites = start.sites  # the thresholds simulated at ``best_shift`` (floored)
 
     def improves(shift: Mapping[str, float]) -> bool:
         """Simulate ``start`` times ``2**shift`` (if the budget allows); keep it if the error falls."""
-        nonlocal best_shift, best_err
+        nonlocal best_shift, best_err, best_sites
         if len(history) >= budget:
             return False
-        candidate = _scaled(start, {n: shift[site_type(n)] for n in start})
-        if floor is not None and best_err < math.inf and _at_least(candidate, floor).sites == _at_least(
-                _scaled(start, {n: best_shift[site_type(n)] for n in start}), floor).sites:
-            return False  # below the headroom floor: the same thresholds as the best, no simulation
+        candidate = _at_least(_scaled(start, {n: shift[site_type(n)] for n in start}), floor)
+        if best_err < math.inf and candidate.sites == best_sites:
+            return False  # raised to the headroom floor: the thresholds of the best, no simulation
         err = error(candidate)
         if err >= best_err:
             return False
-        best_shift, best_err = dict(shift), err
+        best_shift, best_err, best_sites = dict(shift), err, candidate.sites
         return True
 
     if refined_err == math.inf:  # no refits: one factor for all sites on the lone-neuron start
