@@ -143,3 +143,29 @@ def test_an_unchanged_record_rewritten_loads_identically(saved, tiny):
             path = Path(d) / "same.safetensors"
             path.write_bytes(data)
             assert torch.equal(ecmt.simulate(serialization.read(path).snn, tiny.x, T), saved["snn"])
+
+
+@pytest.mark.parametrize("redigest", [False, True])
+def test_a_key_with_a_newline_is_named_on_one_line(saved, tiny, redigest):
+    # found by the mutation tests above: a key is echoed in the error, so it must be quoted
+    info = json.loads(json.dumps(saved["info"]))
+    sites = info["thresholds"]["sites"]
+    sites[".\n"] = None
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "newline.safetensors"
+        path.write_bytes(_with_info(saved, info, redigest))
+        with pytest.raises(ecmt.ConversionError) as e:
+            serialization.read(path)
+    assert "\n" not in str(e.value)
+    assert not redigest or 'sites[".\\n"]' in str(e.value)
+
+
+def test_a_tensor_name_with_a_newline_is_named_on_one_line(saved):
+    tensors = {**saved["tensors"], "w\nx": torch.zeros(1)}
+    info = {**saved["info"], "digest": serialization.digest(saved["info"], tensors)}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "name.safetensors"
+        save_file(tensors, str(path), metadata={"ecmt": json.dumps(info)})
+        with pytest.raises(ecmt.ConversionError) as e:
+            serialization.read(path)
+    assert "\n" not in str(e.value) and '"w\\nx"' in str(e.value), str(e.value)

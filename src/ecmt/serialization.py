@@ -79,6 +79,19 @@ Check = Callable[[Any, str], None]
 """A schema rule: raises :class:`InvalidFileError` naming ``where`` if the value does not fit."""
 
 
+def _at(where: str, key: Any) -> str:
+    """``where.key``; a key from the file that is not printable text (a newline, say) is quoted as
+    JSON, ``where["…\\n…"]``, so that an error naming it stays one line."""
+    text = str(key)
+    return f"{where}.{text}" if text.isprintable() else f"{where}[{json.dumps(text)}]"
+
+
+def _listed(keys: Sequence[str]) -> str:
+    """The first :data:`MAX_LISTED` names (from a file: each quoted as JSON unless printable), then ``...``."""
+    shown = [k if k.isprintable() else json.dumps(k) for k in keys[:MAX_LISTED]]
+    return ", ".join(shown) + (", ..." if len(keys) > MAX_LISTED else "")
+
+
 def _refuse(where: str, what: str, value: Any) -> None:
     shown = json.dumps(value)[:60] if _jsonable(value) else type(value).__name__
     raise InvalidFileError(f"{where}: expected {what}, got {shown}")
@@ -171,7 +184,7 @@ def Record(fields: Mapping[str, Check], required: Sequence[str] = (),  # noqa: N
                 [f"missing {', '.join(map(repr, missing))}"] * bool(missing)
                 + [f"unknown key(s) {', '.join(map(repr, unknown[:5]))}"] * bool(unknown)))
         for k, value in v.items():
-            fields.get(k, extra)(value, f"{where}.{k}")  # type: ignore[misc]
+            fields.get(k, extra)(value, _at(where, k))  # type: ignore[misc]
     return check
 
 
@@ -239,7 +252,7 @@ def HFConfig(v: Any, where: str) -> None:  # noqa: N802
         _refuse(where, "a HuggingFace config object with a model_type", v)
     for key, rule in HF_CONFIG_BOUNDS.items():
         if key in v:
-            rule(v[key], f"{where}.{key}")
+            rule(v[key], _at(where, key))
 
 
 SPEC_KINDS: dict[str, dict[str, Check]] = {
@@ -303,9 +316,9 @@ def _example(v: Any, where: str) -> None:
     else:
         items = [("", v)]
     for key, t in items:
-        tensor(t, f"{where}.{key}" if key else where)
+        tensor(t, _at(where, key) if key else where)
         if math.prod(t["shape"]) > MAX_EXAMPLE:
-            _refuse(f"{where}.{key}".rstrip("."), f"at most {MAX_EXAMPLE} elements", t["shape"])
+            _refuse(_at(where, key) if key else where, f"at most {MAX_EXAMPLE} elements", t["shape"])
 
 
 def _sites(v: Any, where: str) -> None:
@@ -313,7 +326,7 @@ def _sites(v: Any, where: str) -> None:
         _refuse(where, "an object of 1..1000000 sites", v)
     for name, pair in v.items():
         Str(1024)(name, f"{where} key")
-        THRESHOLD_PAIR(pair, f"{where}.{name}")
+        THRESHOLD_PAIR(pair, _at(where, name))
 
 
 PERCENTILE = Opt(Num(0.0, 100.0))
@@ -463,7 +476,7 @@ def _check_data(info: Mapping[str, Any], stored: Mapping[str, Tensor], path: Pat
     bad = [k for k, v in stored.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise InvalidFileError(f"SNN file {path} holds NaN or Inf values in {len(bad)} tensor(s): "
-                               f"{', '.join(bad[:MAX_LISTED])}{', ...' if len(bad) > MAX_LISTED else ''}")
+                               f"{_listed(bad)}")
 
 
 def read(path: PathLike) -> SavedSNN:
@@ -498,11 +511,9 @@ def read(path: PathLike) -> SavedSNN:
     unexpected = [k for k in state if k not in own]
     shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
-        def listed(keys: list[str]) -> str:
-            return ", ".join(keys[:MAX_LISTED]) + (", ..." if len(keys) > MAX_LISTED else "")
         raise CheckpointError(f"{path}: weights do not fit the rebuilt {bundle.name} "
-                              f"(missing: {listed(missing) or '-'}; unexpected: {listed(unexpected) or '-'}; "
-                              f"other shape: {listed(shapes) or '-'})")
+                              f"(missing: {_listed(missing) or '-'}; unexpected: {_listed(unexpected) or '-'}; "
+                              f"other shape: {_listed(shapes) or '-'})")
     snn.net.load_state_dict(state)  # also writes the ANN tensors the SNN shares
     bad = [name for name, n in snn.neurons()
            if bool((n.theta < 0).any()) or not bool(torch.isfinite(n.theta * 2.0 ** (n.levels - 1)).all())]
